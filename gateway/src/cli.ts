@@ -1,0 +1,143 @@
+#!/usr/bin/env node
+import { parseArgs } from 'node:util';
+import { compile, formatDiagnostic, loadPolicies } from '@meshgate/policies';
+import pino from 'pino';
+import { startGateway } from './edge/gateway.ts';
+import { GatewayError, GatewayErrorCode } from './engine/details.ts';
+import type { AccessLogRecord } from './engine/proxy.ts';
+
+const USAGE = `meshgate — Istio's service-mesh pattern without Envoy
+
+Usage:
+  meshgate gateway --policies DIR [--policies DIR…] [options]
+      --admin-port N       admin server on 127.0.0.1 (default 15000; 0 = any free port)
+      --metrics-port N     Prometheus /stats/prometheus (default 15090; 0 = any free port)
+      --label k=v          gateway label, repeatable (default istio=ingressgateway)
+      --bind-address ADDR  address for listeners without a Gateway bind (default 0.0.0.0)
+      --port-map P=Q       bind Gateway port P on port Q, repeatable (Q=0: any free port)
+      --access-log DEST    stdout (default), off, or a file path
+      --log-level LEVEL    trace|debug|info|warn|error (default info)
+  meshgate validate PATH…  validate policy folders/files; exit 0 if valid, 1 with every error
+  meshgate help
+`;
+
+async function main(argv: string[]): Promise<number> {
+  const [cmd, ...rest] = argv;
+  switch (cmd) {
+    case 'gateway':
+      return gateway(rest);
+    case 'validate':
+      return validate(rest);
+    case undefined:
+    case 'help':
+    case '--help':
+    case '-h':
+      process.stdout.write(USAGE);
+      return cmd === undefined ? 2 : 0;
+    default:
+      process.stderr.write(`meshgate: unknown command "${cmd}"\n\n${USAGE}`);
+      return 2;
+  }
+}
+
+function validate(args: string[]): number {
+  const { positionals } = parseArgs({ args, allowPositionals: true, options: { label: { type: 'string', multiple: true } } });
+  if (positionals.length === 0) {
+    process.stderr.write('meshgate validate: name at least one policy folder or file\n');
+    return 2;
+  }
+  const load = loadPolicies(positionals);
+  // The same code path as the gateway: load, then compile for the default gateway labels.
+  const result = compile(load, { gatewayLabels: { istio: 'ingressgateway' } });
+  const diags = result.ok ? result.config.diagnostics : result.diagnostics;
+  for (const d of diags) process.stderr.write(`${formatDiagnostic(d)}\n`);
+  const errors = diags.filter((d) => d.severity === 'error').length;
+  if (errors > 0) {
+    process.stderr.write(`${errors} error(s) in ${load.files.length} file(s)\n`);
+    return 1;
+  }
+  process.stdout.write(`${load.resources.length} resource(s) in ${load.files.length} file(s): valid\n`);
+  return 0;
+}
+
+function port(flag: string, v: string | undefined, dflt: number): number {
+  if (v === undefined) return dflt;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 0 || n > 65535) throw new GatewayError(GatewayErrorCode.USAGE, `${flag} wants a port number 0-65535, got "${v}"`);
+  return n;
+}
+
+async function gateway(args: string[]): Promise<number> {
+  const { values } = parseArgs({
+    args,
+    options: {
+      policies: { type: 'string', multiple: true },
+      'admin-port': { type: 'string' },
+      'metrics-port': { type: 'string' },
+      label: { type: 'string', multiple: true },
+      'bind-address': { type: 'string' },
+      'port-map': { type: 'string', multiple: true },
+      'access-log': { type: 'string' },
+      'log-level': { type: 'string' },
+    },
+  });
+  if (values.policies === undefined || values.policies.length === 0) throw new GatewayError(GatewayErrorCode.USAGE, 'gateway needs --policies DIR');
+  const labels: Record<string, string> = {};
+  for (const l of values.label ?? ['istio=ingressgateway']) {
+    const eq = l.indexOf('=');
+    if (eq <= 0) throw new GatewayError(GatewayErrorCode.USAGE, `--label wants k=v, got "${l}"`);
+    labels[l.slice(0, eq)] = l.slice(eq + 1);
+  }
+  const portMap = new Map<number, number>();
+  for (const m of values['port-map'] ?? []) {
+    const [from, to] = m.split('=');
+    portMap.set(port('--port-map', from, -1), port('--port-map', to, -1));
+  }
+  const logger = pino({ level: values['log-level'] ?? 'info', base: { component: 'meshgate' } }, pino.destination({ dest: 1, sync: false }));
+  const dest = values['access-log'] ?? 'stdout';
+  let accessLog: ((r: AccessLogRecord) => void) | null;
+  if (dest === 'off') accessLog = null;
+  else if (dest === 'stdout') {
+    const l = logger.child({ type: 'access' });
+    accessLog = (r) => l.info(r);
+  } else {
+    const l = pino({ base: null, timestamp: false }, pino.destination({ dest, sync: false, mkdir: true }));
+    accessLog = (r) => l.info(r);
+  }
+  const gw = await startGateway({
+    policies: values.policies,
+    labels,
+    bindAddress: values['bind-address'] ?? '0.0.0.0',
+    portMap,
+    adminPort: port('--admin-port', values['admin-port'], 15000),
+    metricsPort: port('--metrics-port', values['metrics-port'], 15090),
+    logger,
+    accessLog,
+  });
+  logger.info({ ports: gw.ports }, 'meshgate gateway started');
+  process.on('SIGHUP', () => {
+    logger.info('SIGHUP: reloading policies');
+    void gw.reload();
+  });
+  await new Promise<void>((resolve) => {
+    const stop = (sig: string) => {
+      logger.info(`${sig}: shutting down`);
+      gw.close().then(resolve, resolve);
+    };
+    process.once('SIGINT', stop);
+    process.once('SIGTERM', stop);
+  });
+  logger.flush();
+  return 0;
+}
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (err: unknown) => {
+    const e = err as GatewayError;
+    process.stderr.write(`meshgate: ${e.code ?? 'error'}: ${e.message}\n`);
+    process.exitCode = e.code === GatewayErrorCode.USAGE ? 2 : 1;
+  },
+);

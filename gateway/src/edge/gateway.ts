@@ -1,0 +1,225 @@
+import { type FSWatcher, watch } from 'node:fs';
+import { type CompiledConfig, compile, type Diagnostic, formatDiagnostic, loadPolicies } from '@meshgate/policies';
+import type { FastifyInstance } from 'fastify';
+import pino, { type Logger } from 'pino';
+import { Registry } from 'prom-client';
+import { GatewayError, GatewayErrorCode } from '../engine/details.ts';
+import { type AccessLogRecord, Engine } from '../engine/proxy.ts';
+import { Snapshot } from '../engine/snapshot.ts';
+import { Telemetry } from '../engine/telemetry.ts';
+import { PoolRegistry } from '../engine/upstream.ts';
+import { startAdmin, startMetrics } from './admin.ts';
+import { ListenerManager } from './listeners.ts';
+
+export interface GatewayOptions {
+  /** Policy folders or files (several allowed). */
+  readonly policies: readonly string[];
+  /** The gateway's labels; Gateway resources whose selector matches them are served. Default istio=ingressgateway. */
+  readonly labels?: Readonly<Record<string, string>>;
+  /** Address for listeners whose Gateway server has no `bind`. Default 0.0.0.0 (as Istio). */
+  readonly bindAddress?: string;
+  /** Gateway port → bound port (0 = ephemeral). */
+  readonly portMap?: ReadonlyMap<number, number>;
+  /** Admin port on 127.0.0.1; default 15000; null disables; 0 picks a free port. */
+  readonly adminPort?: number | null;
+  /** Metrics port on bindAddress; default 15090; null disables; 0 picks a free port. */
+  readonly metricsPort?: number | null;
+  /** Watch the policy folders and reload on change. Default true. */
+  readonly watch?: boolean;
+  /** Process logger (pino). Default: JSON to stdout. */
+  readonly logger?: Logger;
+  /** Access log sink; default: the logger, as `{"type":"access",...}` lines. null disables. */
+  readonly accessLog?: ((record: AccessLogRecord) => void) | null;
+  /** Metrics registry; default a new one (never prom-client's global). */
+  readonly registry?: Registry;
+  /** Random source for weights, faults, mirroring and load balancing. */
+  readonly random?: () => number;
+  /** Workload name and namespace used as source_* metric labels. */
+  readonly workload?: string;
+  readonly namespace?: string;
+}
+
+export type ReloadResult =
+  | { readonly result: 'applied'; readonly version: string; readonly warnings: readonly Diagnostic[] }
+  | { readonly result: 'unchanged'; readonly version: string }
+  | { readonly result: 'rejected'; readonly errors: readonly string[] };
+
+const DEFAULT_LABELS = { istio: 'ingressgateway' };
+const WATCH_DEBOUNCE_MS = 100;
+
+/**
+ * A running gateway: listeners, the engine, the admin and metrics servers, and the configuration
+ * loop (load → validate → compile → build aside → bind new listeners → swap → retire the old).
+ */
+export class Gateway {
+  readonly engine: Engine;
+  readonly telemetry: Telemetry;
+  readonly registry: Registry;
+  readonly logger: Logger;
+  readonly #opts: GatewayOptions;
+  readonly #pools = new PoolRegistry();
+  readonly #listeners: ListenerManager;
+  #admin: { app: FastifyInstance; port: number } | undefined;
+  #metrics: { app: FastifyInstance; port: number } | undefined;
+  #watchers: FSWatcher[] = [];
+  #reloading: Promise<ReloadResult> | undefined;
+  #again = false;
+  #debounce: NodeJS.Timeout | undefined;
+  #lastReload: { at: string; result: string; errors: readonly string[] } | undefined;
+  #closed = false;
+
+  private constructor(opts: GatewayOptions) {
+    this.#opts = opts;
+    this.logger = opts.logger ?? pino({ base: { component: 'meshgate' }, redact: ['req.headers.authorization', 'req.headers.cookie'] });
+    this.registry = opts.registry ?? new Registry();
+    this.telemetry = new Telemetry(this.registry, { workload: opts.workload ?? 'meshgate-ingressgateway', namespace: opts.namespace ?? 'istio-system' });
+    const access = opts.accessLog === undefined ? defaultAccessLog(this.logger) : (opts.accessLog ?? undefined);
+    this.engine = new Engine({
+      telemetry: this.telemetry,
+      accessLog: access,
+      onError: (err, x) => this.logger.error({ err, request_id: x.requestId }, 'unexpected error while handling a request'),
+      ...(opts.random === undefined ? {} : { random: opts.random }),
+    });
+    this.#listeners = new ListenerManager(this.engine, { bindAddress: opts.bindAddress ?? '0.0.0.0', portMap: opts.portMap ?? new Map() });
+  }
+
+  /** Loads the configuration and starts serving. Rejects (GW_ERR_INVALID_CONFIG) when the initial config is invalid. */
+  static async start(opts: GatewayOptions): Promise<Gateway> {
+    const gw = new Gateway(opts);
+    try {
+      const first = await gw.reload();
+      if (first.result === 'rejected') {
+        throw new GatewayError(GatewayErrorCode.INVALID_CONFIG, `invalid configuration:\n${first.errors.join('\n')}`);
+      }
+      const state = {
+        snapshot: () => gw.engine.snapshot,
+        listenerPorts: () => gw.#listeners.ports(),
+        lastReload: () => gw.#lastReload,
+      };
+      if (opts.adminPort !== null) gw.#admin = await startAdmin('127.0.0.1', opts.adminPort ?? 15000, state);
+      if (opts.metricsPort !== null) gw.#metrics = await startMetrics(opts.bindAddress ?? '0.0.0.0', opts.metricsPort ?? 15090, gw.registry);
+      if (opts.watch !== false) gw.#watch();
+    } catch (err) {
+      await gw.close();
+      throw err;
+    }
+    return gw;
+  }
+
+  /** Bound ports: listeners by name, admin, metrics. */
+  get ports(): { readonly listeners: Record<string, number>; readonly admin: number | undefined; readonly metrics: number | undefined } {
+    return { listeners: this.#listeners.ports(), admin: this.#admin?.port, metrics: this.#metrics?.port };
+  }
+
+  /** The bound port of the listener for a Gateway port (first match). */
+  listenerPort(gatewayPort: number): number | undefined {
+    const s = this.engine.snapshot;
+    if (s === undefined) return undefined;
+    for (const l of s.listeners.values()) if (l.config.port === gatewayPort) return this.#listeners.ports()[l.config.name];
+    return undefined;
+  }
+
+  /**
+   * Re-reads the policies and swaps in the new snapshot if valid. Concurrent calls coalesce: the
+   * latest state of the files wins, and every caller gets a result that reflects it.
+   */
+  reload(): Promise<ReloadResult> {
+    if (this.#reloading !== undefined) {
+      this.#again = true;
+      return this.#reloading;
+    }
+    const run = async (): Promise<ReloadResult> => {
+      let result: ReloadResult;
+      do {
+        this.#again = false;
+        result = await this.#reloadOnce();
+      } while (this.#again && !this.#closed);
+      return result;
+    };
+    this.#reloading = run().finally(() => {
+      this.#reloading = undefined;
+    });
+    return this.#reloading;
+  }
+
+  async #reloadOnce(): Promise<ReloadResult> {
+    const load = loadPolicies(this.#opts.policies);
+    const compiled = compile(load, { gatewayLabels: this.#opts.labels ?? DEFAULT_LABELS });
+    if (!compiled.ok) return this.#rejected(compiled.diagnostics.filter((d) => d.severity === 'error').map(formatDiagnostic));
+    const config: CompiledConfig = compiled.config;
+    const current = this.engine.snapshot;
+    if (current !== undefined && current.version === config.version) {
+      this.telemetry.reloads.inc({ result: 'unchanged' });
+      return { result: 'unchanged', version: config.version };
+    }
+    let next: Snapshot;
+    let closeRemoved: () => Promise<void>;
+    try {
+      next = new Snapshot(config, { pools: this.#pools, telemetry: this.telemetry });
+    } catch (err) {
+      return this.#rejected([(err as Error).message]);
+    }
+    try {
+      closeRemoved = await this.#listeners.prepare(next);
+    } catch (err) {
+      next.retire();
+      return this.#rejected([(err as Error).message]);
+    }
+    // The swap: one assignment. Requests already in flight keep the snapshot they pinned.
+    this.engine.snapshot = next;
+    current?.retire();
+    closeRemoved().catch((err: unknown) => this.logger.warn({ err }, 'closing a removed listener failed'));
+    for (const d of config.diagnostics) this.logger.warn({ code: d.code }, formatDiagnostic(d));
+    this.telemetry.reloads.inc({ result: 'applied' });
+    this.#lastReload = { at: new Date().toISOString(), result: 'applied', errors: [] };
+    this.logger.info({ version: config.version, listeners: this.#listeners.ports() }, 'configuration applied');
+    return { result: 'applied', version: config.version, warnings: config.diagnostics };
+  }
+
+  #rejected(errors: string[]): ReloadResult {
+    this.telemetry.reloads.inc({ result: 'rejected' });
+    this.#lastReload = { at: new Date().toISOString(), result: 'rejected', errors };
+    for (const e of errors) this.logger.error({ code: 'POL_ERR_INVALID_CONFIG' }, e);
+    if (this.engine.snapshot !== undefined)
+      this.logger.error({ version: this.engine.snapshot.version }, 'configuration rejected; the last good configuration keeps serving');
+    return { result: 'rejected', errors };
+  }
+
+  #watch(): void {
+    const trigger = () => {
+      if (this.#closed) return;
+      clearTimeout(this.#debounce);
+      this.#debounce = setTimeout(() => {
+        this.reload().catch((err: unknown) => this.logger.error({ err }, 'reload failed'));
+      }, WATCH_DEBOUNCE_MS);
+    };
+    for (const p of this.#opts.policies) {
+      try {
+        const w = watch(p, { recursive: true, persistent: false }, trigger);
+        w.on('error', (err) => this.logger.warn({ err, path: p }, 'policy watch failed; SIGHUP still reloads'));
+        this.#watchers.push(w);
+      } catch (err) {
+        this.logger.warn({ err, path: p }, 'cannot watch policies; SIGHUP still reloads');
+      }
+    }
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true;
+    clearTimeout(this.#debounce);
+    for (const w of this.#watchers) w.close();
+    this.#watchers = [];
+    await this.#reloading?.catch(() => {});
+    await Promise.all([this.#listeners.close(), this.#admin?.app.close(), this.#metrics?.app.close()]);
+    this.engine.snapshot?.retire();
+    this.engine.snapshot = undefined;
+    await this.#pools.closeAll();
+  }
+}
+
+function defaultAccessLog(logger: Logger): (r: AccessLogRecord) => void {
+  const log = logger.child({ type: 'access' });
+  return (r) => log.info(r);
+}
+
+export const startGateway = (opts: GatewayOptions): Promise<Gateway> => Gateway.start(opts);

@@ -1,0 +1,75 @@
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { MatchInput } from '@meshgate/policies';
+import type { DetailsName } from './details.ts';
+import type { RuntimeListener, RuntimeRoute, RuntimeVirtualHost, Snapshot } from './snapshot.ts';
+import type { RuntimeCluster, RuntimeEndpoint } from './upstream.ts';
+
+/**
+ * Everything one request carries through the pipeline. One object per request, typed fields only;
+ * whatever can be known before the request is in the snapshot instead.
+ */
+export class Exchange implements MatchInput {
+  readonly snap: Snapshot;
+  readonly listener: RuntimeListener;
+  readonly req: IncomingMessage;
+  readonly res: ServerResponse;
+  readonly scheme: 'http' | 'https';
+  /** performance.now() at accept. */
+  readonly start: number;
+  /** Date.now() at accept, for the access log. */
+  readonly startEpoch: number;
+  readonly method: string;
+  readonly headers: IncomingMessage['headers'];
+  requestId = '';
+  authority = '';
+  /** Host without port, lower case. */
+  host = '';
+  path = '';
+  pathWithQuery = '';
+  query = '';
+  vhost: RuntimeVirtualHost | undefined;
+  route: RuntimeRoute | undefined;
+  /** Index of the route match that selected the route (-1: route without matches). */
+  matchIndex = -1;
+  cluster: RuntimeCluster | undefined;
+  endpoint: RuntimeEndpoint | undefined;
+  status = 0;
+  details: DetailsName = 'via_upstream';
+  /** Flags beyond the one implied by details (DI for an injected delay, URX...). */
+  extraFlags = '';
+  bytesReceived = 0;
+  bytesSent = 0;
+  attempts = 0;
+  /** performance.now() when the first upstream attempt started, and when headers came back. */
+  upstreamStart = 0;
+  upstreamEnd = 0;
+  /** Set by the CORS filter when the response must carry CORS headers for this origin. */
+  corsOrigin: string | undefined;
+  /** The engine's random source (injected: tests make percentages deterministic). */
+  readonly random: () => number;
+  /** True once the response headers went out: errors after this can only reset the stream. */
+  get headersSent(): boolean {
+    return this.res.headersSent;
+  }
+
+  constructor(
+    snap: Snapshot,
+    listener: RuntimeListener,
+    req: IncomingMessage,
+    res: ServerResponse,
+    scheme: 'http' | 'https',
+    start: number,
+    random: () => number,
+  ) {
+    this.random = random;
+    this.snap = snap;
+    this.listener = listener;
+    this.req = req;
+    this.res = res;
+    this.scheme = scheme;
+    this.start = start;
+    this.startEpoch = Date.now();
+    this.method = req.method ?? 'GET';
+    this.headers = req.headers;
+  }
+}

@@ -1,0 +1,10 @@
+export * from './details.ts';
+export { Exchange } from './exchange.ts';
+export type { FilterResult, HttpFilter } from './filter.ts';
+export * from './headers.ts';
+export { normalizePath } from './path.ts';
+export { type AccessLogRecord, Engine, type EngineDeps } from './proxy.ts';
+export { RandomHex } from './random.ts';
+export * from './snapshot.ts';
+export * from './telemetry.ts';
+export * from './upstream.ts';

@@ -1,0 +1,42 @@
+const UNRESERVED = /^[A-Za-z0-9\-._~]$/;
+
+/**
+ * RFC 3986 path normalization as Envoy's `normalize_path` (Istio's BASE path normalization) does it:
+ * percent-encoded unreserved characters are decoded, other escapes upper-cased, dot segments removed.
+ * Returns undefined for a path that cannot be normalized (escapes out of the root, bad escapes).
+ * Most paths need none of this and come back untouched without allocating.
+ */
+export function normalizePath(path: string): string | undefined {
+  if (path.indexOf('%') < 0 && path.indexOf('/.') < 0) return path;
+  let decoded = path;
+  if (path.indexOf('%') >= 0) {
+    let out = '';
+    for (let i = 0; i < path.length; i++) {
+      const c = path[i] as string;
+      if (c !== '%') {
+        out += c;
+        continue;
+      }
+      const hex = path.slice(i + 1, i + 3);
+      if (!/^[0-9A-Fa-f]{2}$/.test(hex)) return undefined;
+      const ch = String.fromCharCode(Number.parseInt(hex, 16));
+      out += UNRESERVED.test(ch) ? ch : `%${hex.toUpperCase()}`;
+      i += 2;
+    }
+    decoded = out;
+  }
+  if (decoded.indexOf('/.') < 0) return decoded;
+  const segments = decoded.split('/');
+  const out: string[] = [];
+  for (let i = 1; i < segments.length; i++) {
+    const s = segments[i] as string;
+    const last = i === segments.length - 1;
+    if (s === '.') {
+      if (last) out.push('');
+    } else if (s === '..') {
+      if (out.length > 0) out.pop();
+      if (last) out.push('');
+    } else out.push(s);
+  }
+  return `/${out.join('/')}`;
+}

@@ -1,0 +1,215 @@
+import { readFileSync } from 'node:fs';
+import { createSecureContext, type SecureContext } from 'node:tls';
+import type { CompiledConfig, CompiledListener, CompiledRoute, HeaderMutation, VirtualHost } from '@meshgate/policies';
+import { GatewayError, GatewayErrorCode } from './details.ts';
+import type { HttpFilter } from './filter.ts';
+import { corsFilter } from './filters/cors.ts';
+import { faultFilter } from './filters/fault.ts';
+import type { Telemetry } from './telemetry.ts';
+import { type PoolRegistry, RuntimeCluster } from './upstream.ts';
+
+export interface RuntimeDestination {
+  readonly clusterName: string;
+  readonly cluster: RuntimeCluster | undefined;
+  /** Upper bound of this destination's share in [0, totalWeight). */
+  readonly cumulative: number;
+  readonly requestHeaders: HeaderMutation | undefined;
+  readonly responseHeaders: HeaderMutation | undefined;
+}
+
+export interface RuntimeRoute {
+  readonly config: CompiledRoute;
+  /** Request filters before the router, built once per snapshot. */
+  readonly filters: readonly HttpFilter[];
+  readonly destinations: readonly RuntimeDestination[];
+  readonly totalWeight: number;
+  readonly mirrors: readonly { readonly cluster: RuntimeCluster | undefined; readonly fraction: number }[];
+  /** The request body must be buffered (retries or mirrors may replay it). */
+  readonly replayBody: boolean;
+}
+
+export interface RuntimeVirtualHost {
+  readonly config: VirtualHost;
+  readonly routes: readonly RuntimeRoute[];
+}
+
+export interface RuntimeListener {
+  readonly config: CompiledListener;
+  readonly exact: ReadonlyMap<string, RuntimeVirtualHost>;
+  readonly wildcards: readonly { readonly suffix: string; readonly vhost: RuntimeVirtualHost }[];
+  readonly any: RuntimeVirtualHost | undefined;
+  /** HTTPS: SNI → certificate. */
+  readonly tls: SniTable | undefined;
+}
+
+export interface SniTable {
+  readonly exact: ReadonlyMap<string, SecureContext>;
+  readonly wildcards: readonly { readonly suffix: string; readonly ctx: SecureContext }[];
+  readonly fallback: SecureContext;
+  /** PEM of the fallback certificate, for clients that send no SNI (server.setSecureContext). */
+  readonly fallbackCert: Buffer;
+  readonly fallbackKey: Buffer;
+}
+
+export interface SnapshotDeps {
+  readonly pools: PoolRegistry;
+  readonly telemetry: Telemetry;
+}
+
+/**
+ * The runtime form of one configuration: route tables, filter chains, clusters with their pools and
+ * metric slots, certificates. Immutable once built; the gateway swaps the whole object in one
+ * assignment and each request pins the one it started with.
+ */
+export class Snapshot {
+  readonly config: CompiledConfig;
+  readonly version: string;
+  readonly createdAt = new Date();
+  readonly listeners: ReadonlyMap<string, RuntimeListener>;
+  readonly clusters: ReadonlyMap<string, RuntimeCluster>;
+  #inflight = 0;
+  #retired = false;
+  #onDrained: (() => void) | undefined;
+  readonly #pools: PoolRegistry;
+
+  constructor(config: CompiledConfig, deps: SnapshotDeps) {
+    this.config = config;
+    this.version = config.version;
+    this.#pools = deps.pools;
+    const clusters = new Map<string, RuntimeCluster>();
+    for (const [name, c] of config.clusters) clusters.set(name, new RuntimeCluster(c, deps.pools, deps.telemetry));
+    this.clusters = clusters;
+    try {
+      const routeCache = new Map<CompiledRoute, RuntimeRoute>();
+      const runtimeRoute = (r: CompiledRoute): RuntimeRoute => {
+        let rr = routeCache.get(r);
+        if (rr === undefined) {
+          rr = buildRoute(r, clusters);
+          routeCache.set(r, rr);
+        }
+        return rr;
+      };
+      const vh = (v: VirtualHost): RuntimeVirtualHost => ({ config: v, routes: v.routes.map(runtimeRoute) });
+      const listeners = new Map<string, RuntimeListener>();
+      for (const l of config.listeners) {
+        listeners.set(l.name, {
+          config: l,
+          exact: new Map([...l.routes.exact].map(([k, v]) => [k, vh(v)])),
+          wildcards: l.routes.wildcards.map((w) => ({ suffix: w.suffix, vhost: vh(w.vhost) })),
+          any: l.routes.any === undefined ? undefined : vh(l.routes.any),
+          tls: l.protocol === 'HTTPS' ? sniTable(l) : undefined,
+        });
+      }
+      this.listeners = listeners;
+    } catch (err) {
+      this.#release();
+      throw err;
+    }
+  }
+
+  /** Pins the snapshot for one request. */
+  acquire(): void {
+    this.#inflight++;
+  }
+
+  release(): void {
+    if (--this.#inflight === 0 && this.#retired) this.#drained();
+  }
+
+  get inflight(): number {
+    return this.#inflight;
+  }
+
+  /** Called when a newer snapshot replaced this one: resources go once the last pinned request ends. */
+  retire(onDrained?: () => void): void {
+    this.#retired = true;
+    this.#onDrained = onDrained;
+    if (this.#inflight === 0) this.#drained();
+  }
+
+  #drained(): void {
+    this.#release();
+    this.#onDrained?.();
+    this.#onDrained = undefined;
+  }
+
+  #released = false;
+  #release(): void {
+    if (this.#released) return;
+    this.#released = true;
+    for (const c of this.clusters.values()) c.release(this.#pools);
+  }
+}
+
+function buildRoute(r: CompiledRoute, clusters: ReadonlyMap<string, RuntimeCluster>): RuntimeRoute {
+  const filters: HttpFilter[] = [];
+  if (r.cors !== undefined) filters.push(corsFilter(r.cors));
+  if (r.fault !== undefined) filters.push(faultFilter(r.fault));
+  let cumulative = 0;
+  const destinations: RuntimeDestination[] = [];
+  let totalWeight = 0;
+  if (r.action.kind === 'route') {
+    totalWeight = r.action.totalWeight;
+    for (const d of r.action.destinations) {
+      cumulative += d.weight;
+      destinations.push({
+        clusterName: d.cluster,
+        cluster: clusters.get(d.cluster),
+        cumulative,
+        requestHeaders: d.requestHeaders,
+        responseHeaders: d.responseHeaders,
+      });
+    }
+  }
+  const mirrors = r.mirrors.map((m) => ({ cluster: clusters.get(m.cluster), fraction: m.fraction }));
+  return { config: r, filters, destinations, totalWeight, mirrors, replayBody: r.retry.attempts > 0 || mirrors.length > 0 };
+}
+
+function sniTable(l: CompiledListener): SniTable {
+  const exact = new Map<string, SecureContext>();
+  const wildcards: { suffix: string; ctx: SecureContext }[] = [];
+  let fallback: { ctx: SecureContext; cert: Buffer; key: Buffer } | undefined;
+  for (const t of l.tls) {
+    let ctx: SecureContext;
+    let cert: Buffer;
+    let key: Buffer;
+    try {
+      cert = readFileSync(t.certFile);
+      key = readFileSync(t.keyFile);
+      ctx = createSecureContext({ cert, key, minVersion: t.minVersion, maxVersion: t.maxVersion });
+    } catch (err) {
+      const s = t.source;
+      throw new GatewayError(
+        GatewayErrorCode.SNAPSHOT_BUILD,
+        `${s.file}:${s.line}:${s.col} ${s.resource} ${s.path}: cannot load certificate: ${(err as Error).message}`,
+        { cause: err },
+      );
+    }
+    fallback ??= { ctx, cert, key };
+    for (const h of t.hosts) {
+      if (h === '*') continue;
+      if (h.startsWith('*.')) wildcards.push({ suffix: h.slice(1), ctx });
+      else if (!exact.has(h)) exact.set(h, ctx);
+    }
+    if (t.hosts.includes('*')) fallback = { ctx, cert, key };
+  }
+  wildcards.sort((a, b) => b.suffix.length - a.suffix.length);
+  if (fallback === undefined) throw new GatewayError(GatewayErrorCode.SNAPSHOT_BUILD, `listener ${l.name}: HTTPS without certificates`);
+  return { exact, wildcards, fallback: fallback.ctx, fallbackCert: fallback.cert, fallbackKey: fallback.key };
+}
+
+/** The certificate for a TLS ClientHello's server name. */
+export function selectContext(t: SniTable, servername: string): SecureContext {
+  const name = servername.toLowerCase();
+  const e = t.exact.get(name);
+  if (e !== undefined) return e;
+  for (const w of t.wildcards) if (name.endsWith(w.suffix) && name.length > w.suffix.length) return w.ctx;
+  return t.fallback;
+}
+
+export function findRuntimeVirtualHost(l: RuntimeListener, host: string): RuntimeVirtualHost | undefined {
+  const e = l.exact.get(host);
+  if (e !== undefined) return e;
+  for (const w of l.wildcards) if (host.endsWith(w.suffix) && host.length > w.suffix.length) return w.vhost;
+  return l.any;
+}

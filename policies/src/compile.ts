@@ -1,0 +1,738 @@
+import { createHash } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { dirname, resolve } from 'node:path';
+import { type Diagnostic, formatPath, PolicyErrorCode } from './errors.ts';
+import { hostCovers, hostIntersection, normalizeHost, qualifyHost } from './hosts.ts';
+import type { LoadResult, Resource } from './load.ts';
+import { compileStringMatch, headerValue, type MatchInput, queryValue, type StringMatcher } from './match.ts';
+import type { Destination, GatewayServer, HeaderOps, Headers, HttpMatch, HttpRoute, ServiceEntrySpec, TrafficPolicy } from './schema/networking.ts';
+
+// ---------------------------------------------------------------------------------------------------
+// The compiled form. Everything the data plane needs, computed once; frozen.
+
+export interface CompileOptions {
+  /** Labels of the gateway this configuration is compiled for (Gateway.spec.selector must match). */
+  readonly gatewayLabels: Readonly<Record<string, string>>;
+  /** Directory relative source paths are shown against; default process.cwd(). */
+  readonly cwd?: string;
+}
+
+export interface SourceRef {
+  readonly file: string;
+  readonly line: number;
+  readonly col: number;
+  readonly resource: string;
+  readonly path: string;
+}
+
+export interface CompiledConfig {
+  /** Content hash of the inputs: equal versions mean equal configuration. */
+  readonly version: string;
+  readonly resources: readonly Resource[];
+  readonly listeners: readonly CompiledListener[];
+  readonly clusters: ReadonlyMap<string, CompiledCluster>;
+  /** Warnings (errors make compile fail). */
+  readonly diagnostics: readonly Diagnostic[];
+}
+
+export interface CompiledTls {
+  /** Host patterns served with this certificate (SNI). */
+  readonly hosts: readonly string[];
+  readonly certFile: string;
+  readonly keyFile: string;
+  readonly minVersion: 'TLSv1.2' | 'TLSv1.3';
+  readonly maxVersion: 'TLSv1.2' | 'TLSv1.3';
+  readonly source: SourceRef;
+}
+
+export interface CompiledListener {
+  /** Stable name: `bind_port` as Envoy names listeners (bind '' = the gateway's default). */
+  readonly name: string;
+  readonly port: number;
+  /** From Gateway server `bind`; undefined = the gateway's --bind-address. */
+  readonly bind: string | undefined;
+  readonly protocol: 'HTTP' | 'HTTPS';
+  readonly tls: readonly CompiledTls[];
+  readonly routes: RouteTable;
+  /** Gateways (`namespace/name`) that contribute servers to this listener. */
+  readonly gateways: readonly string[];
+}
+
+export interface RouteTable {
+  readonly exact: ReadonlyMap<string, VirtualHost>;
+  /** `*.suffix` hosts, longest suffix first. */
+  readonly wildcards: readonly { readonly suffix: string; readonly vhost: VirtualHost }[];
+  readonly any: VirtualHost | undefined;
+}
+
+export interface VirtualHost {
+  /** `host:port`, as Envoy names virtual hosts. */
+  readonly name: string;
+  readonly domain: string;
+  readonly routes: readonly CompiledRoute[];
+  /** An HTTP server with tls.httpsRedirect: every request is answered with 301 to https. */
+  readonly httpsRedirect: boolean;
+}
+
+export interface HeaderMutation {
+  readonly set: readonly (readonly [string, string])[];
+  readonly add: readonly (readonly [string, string])[];
+  readonly remove: readonly string[];
+}
+
+export interface CompiledMatch {
+  readonly name: string | undefined;
+  /** Set when the uri condition is a prefix: the part a `rewrite.uri` replaces. */
+  readonly uriPrefix: string | undefined;
+  readonly uriKind: 'exact' | 'prefix' | 'regex' | undefined;
+  readonly test: (input: MatchInput) => boolean;
+}
+
+export interface RetryPolicy {
+  /** Retries after the first try. */
+  readonly attempts: number;
+  readonly perTryTimeoutMs: number | undefined;
+  readonly on5xx: boolean;
+  readonly onGatewayError: boolean;
+  readonly onReset: boolean;
+  readonly onConnectFailure: boolean;
+  readonly onRetriable4xx: boolean;
+  readonly onRefusedStream: boolean;
+  /** Status codes retried under `retriable-status-codes` (and codes listed directly). */
+  readonly statuses: ReadonlySet<number>;
+  /** gRPC status codes retried (cancelled, deadline-exceeded, internal, resource-exhausted, unavailable). */
+  readonly grpcStatuses: ReadonlySet<number>;
+}
+
+export interface CompiledCors {
+  readonly origins: readonly StringMatcher[];
+  readonly allowMethods: string | undefined;
+  readonly allowHeaders: string | undefined;
+  readonly exposeHeaders: string | undefined;
+  readonly maxAge: string | undefined;
+  readonly allowCredentials: boolean;
+  readonly unmatchedPreflights: 'FORWARD' | 'IGNORE';
+}
+
+export interface WeightedDestination {
+  /** Key into CompiledConfig.clusters; the cluster may be missing (503 cluster_not_found). */
+  readonly cluster: string;
+  readonly weight: number;
+  readonly requestHeaders: HeaderMutation | undefined;
+  readonly responseHeaders: HeaderMutation | undefined;
+}
+
+export type RouteAction =
+  | { readonly kind: 'route'; readonly destinations: readonly WeightedDestination[]; readonly totalWeight: number }
+  | {
+      readonly kind: 'redirect';
+      readonly uri: string | undefined;
+      readonly authority: string | undefined;
+      readonly port: number | undefined;
+      readonly derivePort: 'FROM_PROTOCOL_DEFAULT' | 'FROM_REQUEST_PORT' | undefined;
+      readonly scheme: string | undefined;
+      readonly code: number;
+    }
+  | { readonly kind: 'direct'; readonly status: number; readonly body: Buffer | undefined };
+
+export interface CompiledRoute {
+  /** The route's name, or `<virtualservice>.<index>`. Used in logs and metrics. */
+  readonly name: string;
+  /** `VirtualService/namespace/name`. */
+  readonly virtualService: string;
+  /** Any of these selects the route; empty selects every request. */
+  readonly matches: readonly CompiledMatch[];
+  readonly action: RouteAction;
+  readonly rewrite:
+    | {
+        readonly uri: string | undefined;
+        readonly regex: { readonly re: RegExp; readonly replacement: string } | undefined;
+        readonly authority: string | undefined;
+      }
+    | undefined;
+  readonly timeoutMs: number | undefined;
+  readonly retry: RetryPolicy;
+  readonly fault:
+    | {
+        readonly delay: { readonly ms: number; readonly fraction: number } | undefined;
+        readonly abort: { readonly status: number; readonly fraction: number } | undefined;
+      }
+    | undefined;
+  readonly mirrors: readonly { readonly cluster: string; readonly fraction: number }[];
+  readonly cors: CompiledCors | undefined;
+  readonly requestHeaders: HeaderMutation | undefined;
+  readonly responseHeaders: HeaderMutation | undefined;
+}
+
+export type LbPolicy =
+  | { readonly kind: 'LEAST_REQUEST' | 'ROUND_ROBIN' | 'RANDOM' }
+  | { readonly kind: 'HASH'; readonly header: string | undefined; readonly sourceIp: boolean; readonly query: string | undefined };
+
+export interface PoolSettings {
+  readonly maxConnections: number;
+  readonly connectTimeoutMs: number;
+  readonly idleTimeoutMs: number;
+  readonly maxPendingRequests: number;
+  readonly maxRequests: number;
+  /** 0 = unlimited. */
+  readonly maxRequestsPerConnection: number;
+  readonly maxRetries: number;
+}
+
+export interface CompiledEndpoint {
+  readonly address: string;
+  readonly port: number;
+  readonly labels: Readonly<Record<string, string>>;
+  readonly weight: number;
+}
+
+export interface CompiledCluster {
+  /** `outbound|port|subset|host`, Envoy's naming. */
+  readonly name: string;
+  readonly host: string;
+  readonly port: number;
+  readonly subset: string | undefined;
+  readonly protocol: string;
+  readonly serviceName: string;
+  readonly serviceNamespace: string;
+  readonly location: 'MESH_EXTERNAL' | 'MESH_INTERNAL';
+  readonly endpoints: readonly CompiledEndpoint[];
+  readonly lb: LbPolicy;
+  readonly pool: PoolSettings;
+}
+
+/** Outcome of compile: a config, or every error found. Warnings ride along in both. */
+export type CompileResult = { readonly ok: true; readonly config: CompiledConfig } | { readonly ok: false; readonly diagnostics: readonly Diagnostic[] };
+
+// ---------------------------------------------------------------------------------------------------
+
+/** Istio's retry policy when a route sets none: 2 retries on connect failures, refused streams and 503. */
+export const DEFAULT_RETRY_ON = 'connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes';
+const DEFAULT_RETRY_STATUSES = [503];
+export const DEFAULT_POOL: PoolSettings = Object.freeze({
+  maxConnections: 1024,
+  connectTimeoutMs: 10_000,
+  idleTimeoutMs: 3_600_000,
+  maxPendingRequests: 1024,
+  maxRequests: 1024,
+  maxRequestsPerConnection: 0,
+  maxRetries: 1024,
+});
+const GRPC_CODES: Record<string, number> = { cancelled: 1, 'deadline-exceeded': 4, 'resource-exhausted': 8, internal: 13, unavailable: 14 };
+
+/** Compiles validated resources (a LoadResult without errors) for one gateway. */
+export function compile(load: LoadResult, opts: CompileOptions): CompileResult {
+  const diagnostics: Diagnostic[] = [...load.diagnostics];
+  if (diagnostics.some((d) => d.severity === 'error')) return { ok: false, diagnostics };
+  const c = new Compiler(load.resources, opts, diagnostics);
+  const listeners = c.listeners();
+  if (diagnostics.some((d) => d.severity === 'error')) return { ok: false, diagnostics };
+  const hash = createHash('sha256');
+  for (const f of load.files) hash.update(f.path).update('\0').update(f.text).update('\0');
+  hash.update(JSON.stringify(Object.entries(opts.gatewayLabels).sort()));
+  const config: CompiledConfig = deepFreeze({
+    version: hash.digest('hex').slice(0, 12),
+    resources: load.resources,
+    listeners,
+    clusters: c.clusters,
+    diagnostics: diagnostics.filter((d) => d.severity === 'warning'),
+  });
+  return { ok: true, config };
+}
+
+type R<K extends Resource['kind']> = Resource<K>;
+
+class Compiler {
+  readonly clusters = new Map<string, CompiledCluster>();
+  readonly #resources: readonly Resource[];
+  readonly #opts: CompileOptions;
+  readonly #out: Diagnostic[];
+  readonly #registry = new Map<string, { se: R<'ServiceEntry'>; host: string }>();
+  readonly #rules = new Map<string, R<'DestinationRule'>>();
+
+  constructor(resources: readonly Resource[], opts: CompileOptions, out: Diagnostic[]) {
+    this.#resources = resources;
+    this.#opts = opts;
+    this.#out = out;
+    for (const r of resources) {
+      if (r.kind === 'ServiceEntry') {
+        const se = r as R<'ServiceEntry'>;
+        se.spec.hosts.forEach((h, i) => {
+          const key = qualifyHost(h, se.namespace);
+          const prev = this.#registry.get(key);
+          if (prev !== undefined)
+            this.#warn(se, ['spec', 'hosts', i], PolicyErrorCode.CONFLICT, `host ${key} is already declared by ${prev.se.ref}; that one wins`);
+          else this.#registry.set(key, { se, host: normalizeHost(h) });
+        });
+      } else if (r.kind === 'DestinationRule') {
+        const dr = r as R<'DestinationRule'>;
+        const key = qualifyHost(dr.spec.host, dr.namespace);
+        const prev = this.#rules.get(key);
+        if (prev !== undefined) this.#warn(dr, ['spec', 'host'], PolicyErrorCode.CONFLICT, `host ${key} already has ${prev.ref}; that one wins`);
+        else this.#rules.set(key, dr);
+      }
+    }
+  }
+
+  #diag(severity: Diagnostic['severity'], r: Resource, path: readonly PropertyKey[], code: Diagnostic['code'], message: string): void {
+    const p = r.source.position(path);
+    this.#out.push({ code, severity, file: r.source.file, line: p.line, col: p.col, resource: r.ref, path: formatPath(path), message });
+  }
+  #warn(r: Resource, path: readonly PropertyKey[], code: Diagnostic['code'], message: string): void {
+    this.#diag('warning', r, path, code, message);
+  }
+  #error(r: Resource, path: readonly PropertyKey[], code: Diagnostic['code'], message: string): void {
+    this.#diag('error', r, path, code, message);
+  }
+  #ref(r: Resource, path: readonly PropertyKey[]): SourceRef {
+    const p = r.source.position(path);
+    return { file: r.source.file, line: p.line, col: p.col, resource: r.ref, path: formatPath(path) };
+  }
+
+  listeners(): CompiledListener[] {
+    const labels = this.#opts.gatewayLabels;
+    const gateways = new Map<string, R<'Gateway'>>();
+    for (const r of this.#resources) if (r.kind === 'Gateway') gateways.set(`${r.namespace}/${r.name}`, r as R<'Gateway'>);
+    const selected = [...gateways.values()].filter((g) => Object.entries(g.spec.selector ?? {}).every(([k, v]) => labels[k] === v));
+
+    // Group servers by listener (bind, port).
+    interface Slot {
+      port: number;
+      bind: string | undefined;
+      protocol: 'HTTP' | 'HTTPS';
+      servers: { gw: R<'Gateway'>; server: GatewayServer; index: number }[];
+    }
+    const slots = new Map<string, Slot>();
+    for (const gw of selected) {
+      gw.spec.servers.forEach((server, index) => {
+        const protocol = server.port.protocol as 'HTTP' | 'HTTPS';
+        const key = `${server.bind ?? ''}_${server.port.number}`;
+        let slot = slots.get(key);
+        if (slot === undefined) {
+          slot = { port: server.port.number, bind: server.bind, protocol, servers: [] };
+          slots.set(key, slot);
+        } else if (slot.protocol !== protocol) {
+          const first = slot.servers[0];
+          this.#error(
+            gw,
+            ['spec', 'servers', index, 'port', 'protocol'],
+            PolicyErrorCode.CONFLICT,
+            `port ${server.port.number} is already ${slot.protocol} (${first?.gw.ref}); one port, one protocol`,
+          );
+          return;
+        }
+        slot.servers.push({ gw, server, index });
+      });
+    }
+
+    const virtualServices = this.#resources.filter((r): r is R<'VirtualService'> => r.kind === 'VirtualService');
+    for (const vs of virtualServices) {
+      (vs.spec.gateways ?? []).forEach((g, i) => {
+        if (g === 'mesh') return;
+        const key = g.includes('/') ? g : `${vs.namespace}/${g}`;
+        if (!gateways.has(key)) this.#warn(vs, ['spec', 'gateways', i], PolicyErrorCode.REFERENCE, `gateway ${key} is not defined`);
+      });
+    }
+
+    const out: CompiledListener[] = [];
+    for (const [key, slot] of slots) {
+      // domain → vhost builder
+      const vhosts = new Map<string, { routes: CompiledRoute[]; httpsRedirect: boolean }>();
+      const tls: CompiledTls[] = [];
+      for (const { gw, server, index } of slot.servers) {
+        const gwKey = `${gw.namespace}/${gw.name}`;
+        const serverHosts = server.hosts.map((h) => parseServerHost(h, gw.namespace));
+        if (server.tls?.httpsRedirect === true && slot.protocol === 'HTTP') {
+          for (const sh of serverHosts) {
+            const v = vhosts.get(sh.host) ?? { routes: [], httpsRedirect: true };
+            v.httpsRedirect = true;
+            vhosts.set(sh.host, v);
+          }
+        }
+        if (slot.protocol === 'HTTPS' && server.tls !== undefined) {
+          const certFile = this.#file(gw, ['spec', 'servers', index, 'tls', 'serverCertificate'], server.tls.serverCertificate as string);
+          const keyFile = this.#file(gw, ['spec', 'servers', index, 'tls', 'privateKey'], server.tls.privateKey as string);
+          tls.push({
+            hosts: serverHosts.map((h) => h.host),
+            certFile,
+            keyFile,
+            minVersion: server.tls.minProtocolVersion === 'TLSV1_3' ? 'TLSv1.3' : 'TLSv1.2',
+            maxVersion: server.tls.maxProtocolVersion === 'TLSV1_2' ? 'TLSv1.2' : 'TLSv1.3',
+            source: this.#ref(gw, ['spec', 'servers', index, 'tls']),
+          });
+        }
+        for (const vs of virtualServices) {
+          const bound = (vs.spec.gateways ?? ['mesh']).some((g) => g !== 'mesh' && (g.includes('/') ? g : `${vs.namespace}/${g}`) === gwKey);
+          if (!bound) continue;
+          for (const vsHost of vs.spec.hosts) {
+            const h = normalizeHost(vsHost);
+            for (const sh of serverHosts) {
+              if (!sh.allows(vs.namespace)) continue;
+              const domain = hostIntersection(sh.host, h);
+              if (domain === undefined) continue;
+              const routes = this.#routes(vs, gwKey, server.port.number);
+              const v = vhosts.get(domain) ?? { routes: [], httpsRedirect: false };
+              // Several VirtualServices for one host on a gateway are merged in load order, as Istio does.
+              for (const r of routes) if (!v.routes.includes(r)) v.routes.push(r);
+              vhosts.set(domain, v);
+            }
+          }
+        }
+      }
+      const exact = new Map<string, VirtualHost>();
+      const wildcards: { suffix: string; vhost: VirtualHost }[] = [];
+      let any: VirtualHost | undefined;
+      for (const [domain, v] of vhosts) {
+        const vhost: VirtualHost = { name: `${domain}:${slot.port}`, domain, routes: v.routes, httpsRedirect: v.httpsRedirect };
+        if (domain === '*') any = vhost;
+        else if (domain.startsWith('*.')) wildcards.push({ suffix: domain.slice(1), vhost });
+        else exact.set(domain, vhost);
+      }
+      wildcards.sort((a, b) => b.suffix.length - a.suffix.length);
+      out.push({
+        name: key.startsWith('_') ? `0.0.0.0${key}` : key,
+        port: slot.port,
+        bind: slot.bind,
+        protocol: slot.protocol,
+        tls,
+        routes: { exact, wildcards, any },
+        gateways: [...new Set(slot.servers.map((s) => `${s.gw.namespace}/${s.gw.name}`))],
+      });
+    }
+    return out.sort((a, b) => a.port - b.port);
+  }
+
+  #file(r: Resource, path: readonly PropertyKey[], file: string): string {
+    const abs = resolve(this.#opts.cwd ?? process.cwd(), dirname(r.source.file), file);
+    if (!existsSync(abs)) this.#error(r, path, PolicyErrorCode.REFERENCE, `file ${file} does not exist (looked at ${abs})`);
+    return abs;
+  }
+
+  readonly #routeCache = new Map<string, CompiledRoute[]>();
+
+  /** The routes of a VirtualService as seen from one gateway server (port and gateway conditions pre-evaluated). */
+  #routes(vs: R<'VirtualService'>, gwKey: string, port: number): CompiledRoute[] {
+    const cacheKey = `${vs.ref}|${gwKey}|${port}`;
+    const cached = this.#routeCache.get(cacheKey);
+    if (cached !== undefined) return cached;
+    const out: CompiledRoute[] = [];
+    (vs.spec.http ?? []).forEach((route, i) => {
+      const path = ['spec', 'http', i];
+      const matches: CompiledMatch[] = [];
+      const list = route.match ?? [];
+      list.forEach((m, j) => {
+        if (m.port !== undefined && m.port !== port) return;
+        if (m.gateways !== undefined && !m.gateways.some((g) => (g.includes('/') ? g : `${vs.namespace}/${g}`) === gwKey)) return;
+        matches.push(compileMatch(m, route.name ?? `${vs.name}.${i}`, [...path, 'match', j]));
+      });
+      if (list.length > 0 && matches.length === 0) return; // no match applies to this gateway server
+      out.push(this.#route(vs, route, i, matches));
+    });
+    this.#routeCache.set(cacheKey, out);
+    return out;
+  }
+
+  #route(vs: R<'VirtualService'>, route: HttpRoute, i: number, matches: CompiledMatch[]): CompiledRoute {
+    const base = ['spec', 'http', i];
+    let action: RouteAction;
+    if (route.redirect !== undefined) {
+      const r = route.redirect;
+      action = { kind: 'redirect', uri: r.uri, authority: r.authority, port: r.port, derivePort: r.derivePort, scheme: r.scheme, code: r.redirectCode ?? 301 };
+    } else if (route.directResponse !== undefined) {
+      const b = route.directResponse.body;
+      const body = b?.string !== undefined ? Buffer.from(b.string) : b?.bytes !== undefined ? Buffer.from(b.bytes, 'base64') : undefined;
+      action = { kind: 'direct', status: route.directResponse.status, body };
+    } else {
+      const dests = route.route ?? [];
+      const destinations = dests.map((d, j) => ({
+        cluster: this.#cluster(vs, d.destination, [...base, 'route', j, 'destination']),
+        weight: dests.length === 1 ? (d.weight ?? 100) || 100 : (d.weight ?? 0),
+        requestHeaders: headerMutation(d.headers?.request),
+        responseHeaders: headerMutation(d.headers?.response),
+      }));
+      const weighted = destinations.filter((d) => d.weight > 0);
+      action = { kind: 'route', destinations: weighted, totalWeight: weighted.reduce((s, d) => s + d.weight, 0) };
+    }
+    const mirrors: { cluster: string; fraction: number }[] = [];
+    if (route.mirror !== undefined) {
+      const pct = route.mirrorPercentage?.value ?? route.mirrorPercent ?? 100;
+      mirrors.push({ cluster: this.#cluster(vs, route.mirror, [...base, 'mirror']), fraction: pct / 100 });
+    }
+    (route.mirrors ?? []).forEach((m, j) => {
+      mirrors.push({ cluster: this.#cluster(vs, m.destination, [...base, 'mirrors', j, 'destination']), fraction: (m.percentage?.value ?? 100) / 100 });
+    });
+    const f = route.fault;
+    return {
+      name: route.name ?? `${vs.name}.${i}`,
+      virtualService: vs.ref,
+      matches,
+      action,
+      rewrite:
+        route.rewrite === undefined
+          ? undefined
+          : {
+              uri: route.rewrite.uri,
+              regex:
+                route.rewrite.uriRegexRewrite === undefined
+                  ? undefined
+                  : { re: new RegExp(route.rewrite.uriRegexRewrite.match, 'gu'), replacement: re2Replacement(route.rewrite.uriRegexRewrite.rewrite) },
+              authority: route.rewrite.authority,
+            },
+      timeoutMs: route.timeout === undefined || route.timeout === 0 ? undefined : route.timeout,
+      retry: retryPolicy(route.retries),
+      fault:
+        f === undefined
+          ? undefined
+          : {
+              delay: f.delay === undefined ? undefined : { ms: f.delay.fixedDelay, fraction: (f.delay.percentage?.value ?? f.delay.percent ?? 100) / 100 },
+              abort:
+                f.abort === undefined
+                  ? undefined
+                  : { status: f.abort.httpStatus as number, fraction: (f.abort.percentage?.value ?? f.abort.percent ?? 100) / 100 },
+            },
+      mirrors,
+      cors: corsPolicy(route.corsPolicy),
+      requestHeaders: headerMutation(route.headers?.request),
+      responseHeaders: headerMutation(route.headers?.response),
+    };
+  }
+
+  /** Resolves a destination to a cluster name, creating the cluster on first use. */
+  #cluster(vs: Resource, d: Destination, path: readonly PropertyKey[]): string {
+    const host = qualifyHost(d.host, vs.namespace);
+    const entry = this.#registry.get(host);
+    const portHint = d.port?.number;
+    const unresolved = (why: string): string => {
+      this.#warn(vs, path, PolicyErrorCode.REFERENCE, `${why}; requests to it get 503 cluster_not_found`);
+      return `outbound|${portHint ?? ''}|${d.subset ?? ''}|${host}`;
+    };
+    if (entry === undefined) return unresolved(`host ${host} is not declared by any ServiceEntry`);
+    const ports = entry.se.spec.ports ?? [];
+    let sePort: NonNullable<ServiceEntrySpec['ports']>[number] | undefined;
+    if (portHint !== undefined) {
+      sePort = ports.find((p) => p.number === portHint);
+      if (sePort === undefined) return unresolved(`${entry.se.ref} has no port ${portHint}`);
+    } else if (ports.length === 1) sePort = ports[0];
+    else return unresolved(`${entry.se.ref} has ${ports.length} ports; the destination must name one`);
+    if (sePort === undefined) return unresolved(`${entry.se.ref} declares no ports`);
+    const name = `outbound|${sePort.number}|${d.subset ?? ''}|${host}`;
+    if (this.clusters.has(name)) return name;
+
+    const dr = this.#rules.get(host);
+    let policy: TrafficPolicy | undefined = dr?.spec.trafficPolicy;
+    let subsetLabels: Record<string, string> | undefined;
+    if (d.subset !== undefined) {
+      const subset = dr?.spec.subsets?.find((s) => s.name === d.subset);
+      if (subset === undefined) return unresolved(`subset "${d.subset}" of ${host} is not defined by a DestinationRule`);
+      subsetLabels = subset.labels ?? {};
+      policy = mergePolicy(policy, subset.trafficPolicy);
+    }
+    const resolution = entry.se.spec.resolution ?? 'NONE';
+    let endpoints: CompiledEndpoint[];
+    const declared = entry.se.spec.endpoints;
+    if (declared !== undefined && declared.length > 0) {
+      endpoints = declared.map((ep) => ({
+        address: ep.address,
+        port: ep.ports?.[sePort.name] ?? sePort.targetPort ?? sePort.number,
+        labels: ep.labels ?? {},
+        weight: ep.weight ?? 1,
+      }));
+    } else if (resolution === 'DNS' || resolution === 'DNS_ROUND_ROBIN') {
+      endpoints = entry.host.startsWith('*') ? [] : [{ address: entry.host, port: sePort.targetPort ?? sePort.number, labels: {}, weight: 1 }];
+    } else endpoints = [];
+    if (subsetLabels !== undefined) {
+      const want = Object.entries(subsetLabels);
+      endpoints = endpoints.filter((ep) => want.every(([k, v]) => ep.labels[k] === v));
+    }
+    if (endpoints.length === 0) this.#warn(vs, path, PolicyErrorCode.REFERENCE, `${name} has no endpoints; requests to it get 503 no_healthy_upstream`);
+    const lbIn = policy?.loadBalancer;
+    let lb: LbPolicy;
+    if (lbIn?.consistentHash !== undefined) {
+      lb = {
+        kind: 'HASH',
+        header: lbIn.consistentHash.httpHeaderName?.toLowerCase(),
+        sourceIp: lbIn.consistentHash.useSourceIp === true,
+        query: lbIn.consistentHash.httpQueryParameterName,
+      };
+    } else {
+      const simple = lbIn?.simple;
+      lb = { kind: simple === 'ROUND_ROBIN' ? 'ROUND_ROBIN' : simple === 'RANDOM' ? 'RANDOM' : 'LEAST_REQUEST' };
+    }
+    const cp = policy?.connectionPool;
+    const pool: PoolSettings = {
+      maxConnections: cp?.tcp?.maxConnections ?? DEFAULT_POOL.maxConnections,
+      connectTimeoutMs: cp?.tcp?.connectTimeout ?? DEFAULT_POOL.connectTimeoutMs,
+      idleTimeoutMs: cp?.http?.idleTimeout ?? cp?.tcp?.idleTimeout ?? DEFAULT_POOL.idleTimeoutMs,
+      maxPendingRequests: cp?.http?.http1MaxPendingRequests ?? DEFAULT_POOL.maxPendingRequests,
+      maxRequests: cp?.http?.http2MaxRequests ?? DEFAULT_POOL.maxRequests,
+      maxRequestsPerConnection: cp?.http?.maxRequestsPerConnection ?? DEFAULT_POOL.maxRequestsPerConnection,
+      maxRetries: cp?.http?.maxRetries ?? DEFAULT_POOL.maxRetries,
+    };
+    const se = entry.se;
+    this.clusters.set(name, {
+      name,
+      host,
+      port: sePort.number,
+      subset: d.subset,
+      protocol: sePort.protocol ?? 'HTTP',
+      serviceName: host.split('.')[0] ?? host,
+      serviceNamespace: se.namespace,
+      location: se.spec.location ?? 'MESH_EXTERNAL',
+      endpoints,
+      lb,
+      pool,
+    });
+    return name;
+  }
+}
+
+function parseServerHost(entry: string, gwNamespace: string): { host: string; allows(ns: string): boolean } {
+  const slash = entry.indexOf('/');
+  const nsSel = slash < 0 ? '*' : entry.slice(0, slash);
+  const host = normalizeHost(slash < 0 ? entry : entry.slice(slash + 1));
+  return { host, allows: (ns) => nsSel === '*' || nsSel === ns || (nsSel === '.' && ns === gwNamespace) };
+}
+
+function compileMatch(m: HttpMatch, _routeName: string, _path: readonly PropertyKey[]): CompiledMatch {
+  const tests: ((i: MatchInput) => boolean)[] = [];
+  const ic = m.ignoreUriCase === true;
+  let uriKind: CompiledMatch['uriKind'];
+  if (m.uri !== undefined) {
+    const s = compileStringMatch(m.uri, ic);
+    // Envoy: a prefix matches :path with its query; exact and regex match the path alone.
+    if (m.uri.prefix !== undefined) {
+      uriKind = 'prefix';
+      tests.push((i) => s(i.pathWithQuery));
+    } else {
+      uriKind = m.uri.exact !== undefined ? 'exact' : 'regex';
+      tests.push((i) => s(i.path));
+    }
+  }
+  if (m.scheme !== undefined) {
+    const s = compileStringMatch(m.scheme);
+    tests.push((i) => s(i.scheme));
+  }
+  if (m.method !== undefined) {
+    const s = compileStringMatch(m.method);
+    tests.push((i) => s(i.method));
+  }
+  if (m.authority !== undefined) {
+    const s = compileStringMatch(m.authority);
+    tests.push((i) => s(i.authority));
+  }
+  for (const [name, sm] of Object.entries(m.headers ?? {})) {
+    const n = name.toLowerCase();
+    const s = compileStringMatch(sm);
+    tests.push((i) => {
+      const v = headerValue(i.headers, n);
+      return v !== undefined && s(v);
+    });
+  }
+  for (const [name, sm] of Object.entries(m.withoutHeaders ?? {})) {
+    const n = name.toLowerCase();
+    const s = compileStringMatch(sm);
+    tests.push((i) => {
+      const v = headerValue(i.headers, n);
+      return v === undefined || !s(v);
+    });
+  }
+  for (const [name, sm] of Object.entries(m.queryParams ?? {})) {
+    const s = compileStringMatch(sm);
+    tests.push((i) => {
+      const v = queryValue(i.query, name);
+      return v !== undefined && s(v);
+    });
+  }
+  const all = tests.length === 0 ? () => true : tests.length === 1 ? (tests[0] as (i: MatchInput) => boolean) : (i: MatchInput) => tests.every((t) => t(i));
+  return { name: m.name, uriPrefix: m.uri?.prefix, uriKind, test: all };
+}
+
+function headerMutation(ops: HeaderOps | undefined): HeaderMutation | undefined {
+  if (ops === undefined) return undefined;
+  return {
+    set: Object.entries(ops.set ?? {}).map(([k, v]) => [k.toLowerCase(), v] as const),
+    add: Object.entries(ops.add ?? {}).map(([k, v]) => [k.toLowerCase(), v] as const),
+    remove: (ops.remove ?? []).map((k) => k.toLowerCase()),
+  };
+}
+
+function retryPolicy(r: HttpRoute['retries']): RetryPolicy {
+  const on = (r?.retryOn ?? DEFAULT_RETRY_ON)
+    .split(',')
+    .map((t) => t.trim())
+    .filter((t) => t !== '');
+  const statuses = new Set<number>();
+  const grpc = new Set<number>();
+  const flags = new Set<string>();
+  for (const t of on) {
+    if (/^\d{3}$/.test(t)) {
+      statuses.add(Number(t));
+      flags.add('retriable-status-codes');
+    } else if (GRPC_CODES[t] !== undefined) grpc.add(GRPC_CODES[t]);
+    else flags.add(t);
+  }
+  if (flags.has('retriable-status-codes') && statuses.size === 0) for (const s of DEFAULT_RETRY_STATUSES) statuses.add(s);
+  return {
+    attempts: r === undefined ? 2 : (r.attempts ?? 2),
+    perTryTimeoutMs: r?.perTryTimeout === undefined || r.perTryTimeout === 0 ? undefined : r.perTryTimeout,
+    on5xx: flags.has('5xx'),
+    onGatewayError: flags.has('gateway-error'),
+    onReset: flags.has('reset') || flags.has('reset-before-request'),
+    onConnectFailure: flags.has('connect-failure'),
+    onRetriable4xx: flags.has('retriable-4xx'),
+    onRefusedStream: flags.has('refused-stream'),
+    statuses: flags.has('retriable-status-codes') ? statuses : new Set(),
+    grpcStatuses: grpc,
+  };
+}
+
+function corsPolicy(c: HttpRoute['corsPolicy']): CompiledCors | undefined {
+  if (c === undefined) return undefined;
+  const origins: StringMatcher[] = [
+    ...(c.allowOrigins ?? []).map((m) => compileStringMatch(m)),
+    ...(c.allowOrigin ?? []).map((o) => (o === '*' ? () => true : compileStringMatch({ exact: o }))),
+  ];
+  const join = (a: string[] | undefined) => (a === undefined || a.length === 0 ? undefined : a.join(','));
+  return {
+    origins,
+    allowMethods: join(c.allowMethods),
+    allowHeaders: join(c.allowHeaders),
+    exposeHeaders: join(c.exposeHeaders),
+    maxAge: c.maxAge === undefined ? undefined : String(Math.floor(c.maxAge / 1000)),
+    allowCredentials: c.allowCredentials === true,
+    unmatchedPreflights: c.unmatchedPreflights === 'IGNORE' ? 'IGNORE' : 'FORWARD',
+  };
+}
+
+function mergePolicy(base: TrafficPolicy | undefined, over: TrafficPolicy | undefined): TrafficPolicy | undefined {
+  if (over === undefined) return base;
+  if (base === undefined) return over;
+  // Istio: a subset's traffic policy overrides the top-level one field by field.
+  return { ...base, ...over };
+}
+
+/** RE2 rewrites write groups as \1; JavaScript's replace wants $1. */
+function re2Replacement(s: string): string {
+  return s.replace(/\$/g, '$$$$').replace(/\\(\d)/g, '$$$1');
+}
+
+function deepFreeze<T>(o: T): T {
+  if (o === null || typeof o !== 'object' || Object.isFrozen(o) || o instanceof RegExp || Buffer.isBuffer(o)) return o;
+  if (o instanceof Map) {
+    for (const v of o.values()) deepFreeze(v);
+  } else if (!(o instanceof Set)) {
+    for (const v of Object.values(o as object)) deepFreeze(v);
+  }
+  return Object.freeze(o);
+}
+
+/** Looks a request host up in a route table: exact, then the longest wildcard suffix, then `*`. */
+export function findVirtualHost(table: RouteTable, host: string): VirtualHost | undefined {
+  const exact = table.exact.get(host);
+  if (exact !== undefined) return exact;
+  for (const w of table.wildcards) if (host.endsWith(w.suffix) && host.length > w.suffix.length) return w.vhost;
+  return table.any;
+}
+
+export type { Headers };
+export { hostCovers };
