@@ -98,7 +98,6 @@ export class ListenerManager {
           };
     const app = fastify({
       logger: false,
-      disableRequestLogging: true,
       exposeHeadRoutes: false,
       return503OnClosing: false,
       keepAliveTimeout: 65_000,
