@@ -162,6 +162,8 @@ export interface CompiledRoute {
   readonly cors: CompiledCors | undefined;
   readonly requestHeaders: HeaderMutation | undefined;
   readonly responseHeaders: HeaderMutation | undefined;
+  /** Matches every request (no match, or only a `/` prefix): moved last when VirtualServices merge. */
+  readonly catchAll: boolean;
 }
 
 export type LbPolicy =
@@ -337,7 +339,7 @@ class Compiler {
     const out: CompiledListener[] = [];
     for (const [key, slot] of slots) {
       // domain → vhost builder
-      const vhosts = new Map<string, { routes: CompiledRoute[]; httpsRedirect: boolean }>();
+      const vhosts = new Map<string, { routes: CompiledRoute[][]; httpsRedirect: boolean }>();
       const tls: CompiledTls[] = [];
       for (const { gw, server, index } of slot.servers) {
         const gwKey = `${gw.namespace}/${gw.name}`;
@@ -373,7 +375,7 @@ class Compiler {
               const routes = this.#routes(vs, gwKey, server.port.number);
               const v = vhosts.get(domain) ?? { routes: [], httpsRedirect: false };
               // Several VirtualServices for one host on a gateway are merged in load order, as Istio does.
-              for (const r of routes) if (!v.routes.includes(r)) v.routes.push(r);
+              if (!v.routes.includes(routes)) v.routes.push(routes);
               vhosts.set(domain, v);
             }
           }
@@ -383,7 +385,7 @@ class Compiler {
       const wildcards: { suffix: string; vhost: VirtualHost }[] = [];
       let any: VirtualHost | undefined;
       for (const [domain, v] of vhosts) {
-        const vhost: VirtualHost = { name: `${domain}:${slot.port}`, domain, routes: v.routes, httpsRedirect: v.httpsRedirect };
+        const vhost: VirtualHost = { name: `${domain}:${slot.port}`, domain, routes: combineRoutes(v.routes), httpsRedirect: v.httpsRedirect };
         if (domain === '*') any = vhost;
         else if (domain.startsWith('*.')) wildcards.push({ suffix: domain.slice(1), vhost });
         else exact.set(domain, vhost);
@@ -426,13 +428,14 @@ class Compiler {
         matches.push(compileMatch(m, route.name ?? `${vs.name}.${i}`, [...path, 'match', j]));
       });
       if (list.length > 0 && matches.length === 0) return; // no match applies to this gateway server
-      out.push(this.#route(vs, route, i, matches));
+      const catchAll = list.length === 0 || list.some((m) => Object.keys(m).every((k) => k === 'name' || k === 'uri') && (m.uri === undefined || m.uri.prefix === '/'));
+      out.push(this.#route(vs, route, i, matches, catchAll));
     });
     this.#routeCache.set(cacheKey, out);
     return out;
   }
 
-  #route(vs: R<'VirtualService'>, route: HttpRoute, i: number, matches: CompiledMatch[]): CompiledRoute {
+  #route(vs: R<'VirtualService'>, route: HttpRoute, i: number, matches: CompiledMatch[], catchAll: boolean): CompiledRoute {
     const base = ['spec', 'http', i];
     let action: RouteAction;
     if (route.redirect !== undefined) {
@@ -484,16 +487,17 @@ class Compiler {
         f === undefined
           ? undefined
           : {
-              delay: f.delay === undefined ? undefined : { ms: f.delay.fixedDelay, fraction: (f.delay.percentage?.value ?? f.delay.percent ?? 100) / 100 },
+              delay: f.delay === undefined ? undefined : { ms: f.delay.fixedDelay, fraction: faultFraction(f.delay.percentage, f.delay.percent) },
               abort:
                 f.abort === undefined
                   ? undefined
-                  : { status: f.abort.httpStatus as number, fraction: (f.abort.percentage?.value ?? f.abort.percent ?? 100) / 100 },
+                  : { status: f.abort.httpStatus as number, fraction: faultFraction(f.abort.percentage, f.abort.percent) },
             },
       mirrors,
       cors: corsPolicy(route.corsPolicy),
       requestHeaders: headerMutation(route.headers?.request),
       responseHeaders: headerMutation(route.headers?.response),
+      catchAll,
     };
   }
 
@@ -645,6 +649,28 @@ function compileMatch(m: HttpMatch, _routeName: string, _path: readonly Property
   }
   const all = tests.length === 0 ? () => true : tests.length === 1 ? (tests[0] as (i: MatchInput) => boolean) : (i: MatchInput) => tests.every((t) => t(i));
   return { name: m.name, uriPrefix: m.uri?.prefix, uriKind, test: all };
+}
+
+/**
+ * Istio's fault percentages: `percentage.value`, else the deprecated integer `percent`; with
+ * neither, 0 % (Istio translates an unset percent as 0, so the fault never fires).
+ */
+function faultFraction(percentage: { value: number } | undefined, percent: number | undefined): number {
+  return (percentage?.value ?? percent ?? 0) / 100;
+}
+
+/**
+ * Several VirtualServices for one host on a gateway are merged as Istio's CombineVHostRoutes does:
+ * routes keep their order, except that catch-all routes (no match, or only a `/` prefix) move to the
+ * end so one VirtualService's catch-all cannot hide another's specific routes. One VirtualService
+ * alone keeps its order exactly.
+ */
+function combineRoutes(perVs: readonly (readonly CompiledRoute[])[]): CompiledRoute[] {
+  if (perVs.length === 1) return [...(perVs[0] as readonly CompiledRoute[])];
+  const specific: CompiledRoute[] = [];
+  const catchAll: CompiledRoute[] = [];
+  for (const routes of perVs) for (const r of routes) (r.catchAll ? catchAll : specific).push(r);
+  return [...specific, ...catchAll];
 }
 
 function headerMutation(ops: HeaderOps | undefined): HeaderMutation | undefined {
