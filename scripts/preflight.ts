@@ -7,7 +7,9 @@ import { spawnSync } from 'node:child_process';
 const major = Number(process.versions.node.split('.')[0]);
 process.stdout.write(`meshgate tests on Node ${process.version} (${process.platform}-${process.arch})\n`);
 if (major < 24) {
-  process.stderr.write(`Node ${process.version} is too old: run the tests through npm (\`npm test\`), which uses node_modules/.bin/node (Node 24) after \`npm ci\`.\n`);
+  process.stderr.write(
+    `Node ${process.version} is too old: run the tests through npm (\`npm test\`), which uses node_modules/.bin/node (Node 24) after \`npm ci\`.\n`,
+  );
   process.exit(1);
 }
 

@@ -428,7 +428,8 @@ class Compiler {
         matches.push(compileMatch(m, route.name ?? `${vs.name}.${i}`, [...path, 'match', j]));
       });
       if (list.length > 0 && matches.length === 0) return; // no match applies to this gateway server
-      const catchAll = list.length === 0 || list.some((m) => Object.keys(m).every((k) => k === 'name' || k === 'uri') && (m.uri === undefined || m.uri.prefix === '/'));
+      const catchAll =
+        list.length === 0 || list.some((m) => Object.keys(m).every((k) => k === 'name' || k === 'uri') && (m.uri === undefined || m.uri.prefix === '/'));
       out.push(this.#route(vs, route, i, matches, catchAll));
     });
     this.#routeCache.set(cacheKey, out);
@@ -488,10 +489,7 @@ class Compiler {
           ? undefined
           : {
               delay: f.delay === undefined ? undefined : { ms: f.delay.fixedDelay, fraction: faultFraction(f.delay.percentage, f.delay.percent) },
-              abort:
-                f.abort === undefined
-                  ? undefined
-                  : { status: f.abort.httpStatus as number, fraction: faultFraction(f.abort.percentage, f.abort.percent) },
+              abort: f.abort === undefined ? undefined : { status: f.abort.httpStatus as number, fraction: faultFraction(f.abort.percentage, f.abort.percent) },
             },
       mirrors,
       cors: corsPolicy(route.corsPolicy),

@@ -168,7 +168,13 @@ describe('compile: gateways and virtual hosts', () => {
   test('merging VirtualServices for one host moves catch-all routes last (CombineVHostRoutes); one VirtualService keeps its order', () => {
     const g = gw('gw', 'default', '{istio: ingressgateway}', server(80, ['*']));
     const first = vsDoc('first', 'default', ['a.example.com'], ['gw'], `${direct(201)}  - match: [{uri: {prefix: /x}}]\n    directResponse: {status: 202}\n`);
-    const second = vsDoc('second', 'default', ['a.example.com'], ['gw'], `  - match: [{uri: {prefix: /y}}]\n    directResponse: {status: 203}\n  - match: [{uri: {prefix: /}}]\n    directResponse: {status: 204}\n`);
+    const second = vsDoc(
+      'second',
+      'default',
+      ['a.example.com'],
+      ['gw'],
+      `  - match: [{uri: {prefix: /y}}]\n    directResponse: {status: 203}\n  - match: [{uri: {prefix: /}}]\n    directResponse: {status: 204}\n`,
+    );
     const statuses = (v: VirtualHost) => v.routes.map((r) => (r.action.kind === 'direct' ? r.action.status : 0));
     assert.deepEqual(statuses(vhost(listener(build([g, first]), 80), 'a.example.com')), [201, 202]);
     assert.deepEqual(statuses(vhost(listener(build([g, first, second]), 80), 'a.example.com')), [202, 203, 201, 204]);

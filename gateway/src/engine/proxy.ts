@@ -449,9 +449,12 @@ class UpstreamCall implements Dispatcher.DispatchHandler {
   abort(reason: AttemptAbort): void {
     if (this.#done) return;
     this.#abortReason = reason;
-    if (this.#controller !== undefined) this.#controller.abort(reason);
-    else if (this.#retrying || reason.reason !== 'per_try_timeout') {
-      // Not dispatched yet (queued in the pool or waiting out a backoff): finish now.
+    // Waiting out a backoff: the controller (if any) is the finished attempt's, so aborting it would
+    // do nothing and the next attempt would clear the reason. Finish now.
+    if (this.#retrying) this.onResponseError(undefined, reason);
+    else if (this.#controller !== undefined) this.#controller.abort(reason);
+    else if (reason.reason !== 'per_try_timeout') {
+      // Not dispatched yet (queued in the pool): finish now.
       this.onResponseError(undefined, reason);
     }
   }

@@ -1,0 +1,286 @@
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { type Agent, createServer, request as httpRequest, type IncomingHttpHeaders, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { AddressInfo, Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import pino from 'pino';
+import { type Gateway, type GatewayOptions, startGateway } from '../src/edge/gateway.ts';
+import type { AccessLogRecord } from '../src/engine/proxy.ts';
+
+// ---------------------------------------------------------------------------------------------------
+// Recording upstream
+
+export interface Recorded {
+  readonly method: string;
+  readonly url: string;
+  readonly headers: IncomingHttpHeaders;
+  readonly rawHeaders: readonly string[];
+  readonly body: string;
+}
+
+/** What the upstream does with one request. Default: 200 with body `<name>`. */
+export interface Behaviour {
+  readonly status?: number;
+  readonly delayMs?: number;
+  readonly headers?: Readonly<Record<string, string | string[]>>;
+  readonly body?: string;
+  /** Destroy the socket without answering. */
+  readonly close?: boolean;
+}
+
+export type Behave = (req: Recorded, n: number) => Behaviour;
+
+export interface Upstream {
+  readonly name: string;
+  readonly port: number;
+  readonly records: Recorded[];
+  readonly count: number;
+  behave: Behave;
+  reset(): void;
+  close(): Promise<void>;
+}
+
+/** A node:http server on 127.0.0.1:0 that records every request and answers as `behave` says. */
+export async function startUpstream(name: string, behave: Behave = () => ({})): Promise<Upstream> {
+  const records: Recorded[] = [];
+  const timers = new Set<NodeJS.Timeout>();
+  const sockets = new Set<Socket>();
+  const state = { behave };
+  const server: Server = createServer((req: IncomingMessage, res: ServerResponse) => {
+    const chunks: Buffer[] = [];
+    req.on('data', (c: Buffer) => chunks.push(c));
+    req.on('end', () => {
+      const rec: Recorded = {
+        method: req.method ?? '',
+        url: req.url ?? '',
+        headers: req.headers,
+        rawHeaders: req.rawHeaders,
+        body: Buffer.concat(chunks).toString('utf8'),
+      };
+      records.push(rec);
+      const b = state.behave(rec, records.length);
+      const answer = () => {
+        if (b.close === true) {
+          req.socket.destroy();
+          return;
+        }
+        const body = b.body ?? name;
+        res.writeHead(b.status ?? 200, { 'content-type': 'text/plain', 'x-upstream': name, ...b.headers });
+        res.end(body);
+      };
+      if (b.delayMs === undefined) answer();
+      else {
+        const t = setTimeout(() => {
+          timers.delete(t);
+          if (!res.destroyed) answer();
+        }, b.delayMs);
+        timers.add(t);
+      }
+    });
+  });
+  server.on('connection', (s: Socket) => {
+    sockets.add(s);
+    s.once('close', () => sockets.delete(s));
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const port = (server.address() as AddressInfo).port;
+  return {
+    name,
+    port,
+    records,
+    get count() {
+      return records.length;
+    },
+    get behave() {
+      return state.behave;
+    },
+    set behave(b: Behave) {
+      state.behave = b;
+    },
+    reset() {
+      records.length = 0;
+    },
+    async close() {
+      for (const t of timers) clearTimeout(t);
+      timers.clear();
+      for (const s of sockets) s.destroy();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    },
+  };
+}
+
+/** A loopback port with nothing listening on it (bound, then released). */
+export async function freePort(): Promise<number> {
+  const s = createServer();
+  await new Promise<void>((resolve) => s.listen(0, '127.0.0.1', resolve));
+  const port = (s.address() as AddressInfo).port;
+  await new Promise<void>((resolve) => s.close(() => resolve()));
+  return port;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Policies on disk
+
+export async function tempDir(prefix = 'meshgate-test-'): Promise<string> {
+  return mkdtemp(join(tmpdir(), prefix));
+}
+
+export async function removeDir(dir: string | undefined): Promise<void> {
+  if (dir !== undefined) await rm(dir, { recursive: true, force: true });
+}
+
+export async function writeYaml(dir: string, file: string, text: string): Promise<string> {
+  const p = join(dir, file);
+  await writeFile(p, text);
+  return p;
+}
+
+/** A Gateway resource (selector istio=ingressgateway) with one HTTP server per port. */
+export function gatewayYaml(name: string, hosts: readonly string[], ports: readonly number[] = [8080]): string {
+  const servers = ports
+    .map((p) => `  - port: {number: ${p}, name: http-${p}, protocol: HTTP}\n    hosts: [${hosts.map((h) => JSON.stringify(h)).join(', ')}]`)
+    .join('\n');
+  return `apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata:
+  name: ${name}
+spec:
+  selector:
+    istio: ingressgateway
+  servers:
+${servers}
+`;
+}
+
+export interface EndpointSpec {
+  readonly port: number;
+  readonly labels?: Readonly<Record<string, string>>;
+}
+
+/** A STATIC ServiceEntry with 127.0.0.1 endpoints (as policies/examples/helloworld.yaml). */
+export function serviceEntryYaml(name: string, host: string, endpoints: readonly EndpointSpec[]): string {
+  const eps = endpoints
+    .map((e) => {
+      const labels = Object.entries(e.labels ?? {})
+        .map(([k, v]) => `      ${k}: ${v}`)
+        .join('\n');
+      return `  - address: 127.0.0.1\n    ports:\n      http: ${e.port}${labels === '' ? '' : `\n    labels:\n${labels}`}`;
+    })
+    .join('\n');
+  return `apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: ${name}
+spec:
+  hosts: [${host}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+  endpoints:
+${eps}
+`;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Gateway
+
+export interface TestGateway {
+  readonly gw: Gateway;
+  /** Bound port of the Gateway port asked for (default 8080). */
+  readonly port: number;
+  readonly access: AccessLogRecord[];
+  close(): Promise<void>;
+}
+
+export async function startTestGateway(policies: string, extra: Partial<GatewayOptions> = {}, gatewayPort = 8080): Promise<TestGateway> {
+  const access: AccessLogRecord[] = [];
+  const gw = await startGateway({
+    policies: [policies],
+    bindAddress: '127.0.0.1',
+    portMap: new Map([[8080, 0]]),
+    adminPort: 0,
+    metricsPort: 0,
+    watch: false,
+    logger: pino({ level: 'silent' }),
+    accessLog: (r) => access.push(r),
+    ...extra,
+  });
+  const port = gw.listenerPort(gatewayPort);
+  if (port === undefined) {
+    await gw.close();
+    throw new Error(`no listener for gateway port ${gatewayPort}`);
+  }
+  return { gw, port, access, close: () => gw.close() };
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Client
+
+export interface Response {
+  readonly status: number;
+  readonly headers: IncomingHttpHeaders;
+  readonly body: string;
+}
+
+export interface RequestOptions {
+  readonly method?: string;
+  readonly path?: string;
+  /** Host header; default the gateway address. */
+  readonly host?: string;
+  readonly headers?: Readonly<Record<string, string | string[]>>;
+  readonly body?: string;
+  readonly agent?: Agent;
+}
+
+/** One HTTP/1.1 request to 127.0.0.1:port; a fresh connection unless an agent is given. */
+export function request(port: number, o: RequestOptions = {}): Promise<Response> {
+  return new Promise((resolve, reject) => {
+    const headers: Record<string, string | string[]> = { ...o.headers };
+    if (o.host !== undefined) headers.host = o.host;
+    if (o.body !== undefined) headers['content-length'] = String(Buffer.byteLength(o.body));
+    const req = httpRequest(
+      { host: '127.0.0.1', port, method: o.method ?? 'GET', path: o.path ?? '/', headers, agent: o.agent ?? false, setHost: o.host === undefined },
+      (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (c: Buffer) => chunks.push(c));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks).toString('utf8') }));
+        res.on('error', reject);
+      },
+    );
+    req.on('error', reject);
+    req.end(o.body);
+  });
+}
+
+/** Polls `fn` until it returns a value other than undefined, or fails after `timeoutMs`. */
+export async function poll<T>(what: string, fn: () => T | undefined | Promise<T | undefined>, timeoutMs = 5000, everyMs = 20): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v !== undefined) return v;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
+}
+
+/** The access-log record for a request id (the log phase runs when the server side closes, so poll). */
+export function accessRecord(access: readonly AccessLogRecord[], requestId: string): Promise<AccessLogRecord> {
+  return poll(`access log for ${requestId}`, () => access.find((r) => r.request_id === requestId));
+}
+
+/** Sum of a Prometheus counter's samples whose labels include all of `labels`. */
+export function counterValue(text: string, metric: string, labels: Readonly<Record<string, string>>): number {
+  let sum = 0;
+  for (const line of text.split('\n')) {
+    if (!line.startsWith(`${metric}{`)) continue;
+    const close = line.lastIndexOf('}');
+    const labelText = line.slice(metric.length + 1, close);
+    const have = new Map<string, string>();
+    for (const m of labelText.matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)) have.set(m[1] as string, m[2] as string);
+    if (Object.entries(labels).every(([k, v]) => have.get(k) === v)) sum += Number(line.slice(close + 1).trim());
+  }
+  return sum;
+}

@@ -1,0 +1,171 @@
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import {
+  accessRecord,
+  gatewayYaml,
+  removeDir,
+  request,
+  serviceEntryYaml,
+  startTestGateway,
+  startUpstream,
+  type TestGateway,
+  tempDir,
+  type Upstream,
+  writeYaml,
+} from './helpers.ts';
+
+const VS = `apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: rw
+spec:
+  hosts: [rw.test.local]
+  gateways: [edge]
+  http:
+  - name: prefix-rewrite
+    match: [{uri: {prefix: /api/}}]
+    rewrite: {uri: /v2/}
+    route: [{destination: {host: backend.svc}}]
+  - name: authority-rewrite
+    match: [{uri: {prefix: /auth-rw}}]
+    rewrite: {authority: backend.internal}
+    route: [{destination: {host: backend.svc}}]
+  - name: regex-rewrite
+    match: [{uri: {prefix: /rx/}}]
+    rewrite:
+      uriRegexRewrite: {match: '^/rx/([a-z]+)/([0-9]+)$', rewrite: '/items/\\2/\\1'}
+    route: [{destination: {host: backend.svc}}]
+  - name: redirect-default
+    match: [{uri: {exact: /old}}]
+    redirect: {uri: /new}
+  - name: redirect-full
+    match: [{uri: {exact: /moved}}]
+    redirect: {uri: /landing, authority: other.test.local, scheme: https, redirectCode: 302}
+  - name: direct
+    match: [{uri: {exact: /direct}}]
+    directResponse: {status: 418, body: {string: "short and stout"}}
+  - name: headers
+    match: [{uri: {prefix: /hdr}}]
+    headers:
+      request:
+        set: {x-set: route}
+        add: {x-add: route-added}
+        remove: [x-remove]
+      response:
+        set: {x-resp-set: route}
+        add: {x-resp-add: route}
+        remove: [x-upstream-secret]
+    route:
+    - destination: {host: backend.svc}
+      headers:
+        request:
+          set: {x-dest: dest}
+          remove: [x-dest-remove]
+        response:
+          set: {x-dest-resp: dest}
+          remove: [x-upstream-internal]
+`;
+
+describe('rewrite, redirect, directResponse and header mutations', () => {
+  let dir: string | undefined;
+  let g: TestGateway | undefined;
+  let up: Upstream | undefined;
+  let port = 0;
+
+  before(async () => {
+    dir = await tempDir();
+    up = await startUpstream('backend', () => ({
+      headers: { 'x-upstream-secret': 's3cret', 'x-upstream-internal': 'i', 'x-resp-add': 'upstream', 'x-resp-set': 'upstream' },
+    }));
+    await writeYaml(dir, 'gateway.yaml', gatewayYaml('edge', ['rw.test.local']));
+    await writeYaml(dir, 'backend.yaml', serviceEntryYaml('backend', 'backend.svc', [{ port: up.port }]));
+    await writeYaml(dir, 'vs.yaml', VS);
+    g = await startTestGateway(dir);
+    port = g.port;
+  });
+
+  after(async () => {
+    await g?.close();
+    await up?.close();
+    await removeDir(dir);
+  });
+
+  const last = () => {
+    const u = up as Upstream;
+    const r = u.records[u.records.length - 1];
+    assert.ok(r !== undefined, 'the upstream saw no request');
+    return r;
+  };
+
+  test('rewrite.uri replaces the matched prefix and keeps the query', async () => {
+    const r = await request(port, { path: '/api/items/7?sort=asc&x=1', host: 'rw.test.local' });
+    assert.equal(r.status, 200);
+    assert.equal(last().url, '/v2/items/7?sort=asc&x=1');
+  });
+
+  test('rewrite.authority: the upstream sees the new Host', async () => {
+    const r = await request(port, { path: '/auth-rw/x', host: 'rw.test.local' });
+    assert.equal(r.status, 200);
+    assert.equal(last().headers.host, 'backend.internal');
+    assert.equal(last().url, '/auth-rw/x');
+  });
+
+  test('uriRegexRewrite with capture groups, query kept', async () => {
+    const r = await request(port, { path: '/rx/abc/42?q=1', host: 'rw.test.local' });
+    assert.equal(r.status, 200);
+    assert.equal(last().url, '/items/42/abc?q=1');
+  });
+
+  test('redirect defaults to 301 and keeps scheme and authority', async () => {
+    const r = await request(port, { path: '/old', host: 'rw.test.local', headers: { 'x-request-id': 'rw-redirect-1' } });
+    assert.equal(r.status, 301);
+    assert.equal(r.headers.location, 'http://rw.test.local/new');
+    const rec = await accessRecord(g?.access ?? [], 'rw-redirect-1');
+    assert.equal(rec.response_code_details, 'redirect');
+  });
+
+  test('redirect with code, uri, authority and scheme', async () => {
+    const before = (up as Upstream).count;
+    const r = await request(port, { path: '/moved', host: 'rw.test.local' });
+    assert.equal(r.status, 302);
+    assert.equal(r.headers.location, 'https://other.test.local/landing');
+    assert.equal((up as Upstream).count, before, 'a redirect never reaches the upstream');
+  });
+
+  test('directResponse answers with the configured status and body', async () => {
+    const before = (up as Upstream).count;
+    const r = await request(port, { path: '/direct', host: 'rw.test.local', headers: { 'x-request-id': 'rw-direct-1' } });
+    assert.equal(r.status, 418);
+    assert.equal(r.body, 'short and stout');
+    assert.equal((up as Upstream).count, before);
+    const rec = await accessRecord(g?.access ?? [], 'rw-direct-1');
+    assert.equal(rec.response_code_details, 'direct_response');
+  });
+
+  test('request headers: set, add, remove at route and destination level', async () => {
+    const r = await request(port, {
+      path: '/hdr',
+      host: 'rw.test.local',
+      headers: { 'x-set': 'client', 'x-add': 'client', 'x-remove': 'bye', 'x-dest-remove': 'bye', 'x-keep': 'kept' },
+    });
+    assert.equal(r.status, 200);
+    const h = last().headers;
+    assert.equal(h['x-set'], 'route');
+    assert.equal(h['x-add'], 'client, route-added');
+    assert.equal(h['x-remove'], undefined);
+    assert.equal(h['x-dest'], 'dest');
+    assert.equal(h['x-dest-remove'], undefined);
+    assert.equal(h['x-keep'], 'kept');
+  });
+
+  test('response headers: set, add, remove at route and destination level', async () => {
+    const r = await request(port, { path: '/hdr', host: 'rw.test.local' });
+    assert.equal(r.status, 200);
+    assert.equal(r.headers['x-resp-set'], 'route');
+    assert.equal(r.headers['x-resp-add'], 'upstream, route');
+    assert.equal(r.headers['x-upstream-secret'], undefined);
+    assert.equal(r.headers['x-dest-resp'], 'dest');
+    assert.equal(r.headers['x-upstream-internal'], undefined);
+    assert.equal(r.headers['x-upstream'], 'backend');
+  });
+});
