@@ -46,7 +46,7 @@ export interface CompiledTls {
 }
 
 export interface CompiledListener {
-  /** Stable name: `bind_port` as Envoy names listeners (bind '' = the gateway's default). */
+  /** Stable name: `bind_port` (Envoy's naming), or `port_N` for servers bound to the gateway's --bind-address. */
   readonly name: string;
   readonly port: number;
   /** From Gateway server `bind`; undefined = the gateway's --bind-address. */
@@ -392,7 +392,7 @@ class Compiler {
       }
       wildcards.sort((a, b) => b.suffix.length - a.suffix.length);
       out.push({
-        name: key.startsWith('_') ? `0.0.0.0${key}` : key,
+        name: key.startsWith('_') ? `port${key}` : key,
         port: slot.port,
         bind: slot.bind,
         protocol: slot.protocol,

@@ -69,8 +69,8 @@ describe('compile: gateways and virtual hosts', () => {
     assert.deepEqual(
       c.listeners.map((l) => [l.name, l.gateways]),
       [
-        ['0.0.0.0_80', ['edge/public']],
-        ['0.0.0.0_81', ['edge/anywhere']],
+        ['port_80', ['edge/public']],
+        ['port_81', ['edge/anywhere']],
       ],
     );
     // The same resources compiled for the egress gateway's labels.

@@ -479,6 +479,8 @@ class UpstreamCall implements Dispatcher.DispatchHandler {
     applyMutation(out, cfg.responseHeaders);
     applyMutation(out, this.#dest.responseHeaders);
     for (const f of this.#route.filters) f.onResponseHeaders?.(x, out);
+    // Envoy's default server_header_transformation (OVERWRITE): the upstream's software is not advertised.
+    out.server = 'meshgate';
     x.status = statusCode;
     x.details = 'via_upstream';
     x.res.writeHead(statusCode, out as OutgoingHttpHeaders);
