@@ -1,19 +1,6 @@
 import assert from 'node:assert/strict';
-import { after, before, describe, test } from 'node:test';
-import {
-  counterValue,
-  gatewayYaml,
-  poll,
-  removeDir,
-  request,
-  serviceEntryYaml,
-  startTestGateway,
-  startUpstream,
-  type TestGateway,
-  tempDir,
-  type Upstream,
-  writeYaml,
-} from './helpers.ts';
+import { describe, test } from 'node:test';
+import { counterValue, poll, request, useGateway } from './helpers.ts';
 
 const VS = `apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -29,28 +16,9 @@ spec:
 `;
 
 describe('admin and metrics', () => {
-  let dir: string | undefined;
-  let g: TestGateway | undefined;
-  let up: Upstream | undefined;
-  let port = 0;
+  const fx = useGateway({ hosts: ['adm.test.local'], upstreams: { backend: {} }, files: { 'vs.yaml': VS } });
 
-  before(async () => {
-    dir = await tempDir();
-    up = await startUpstream('backend');
-    await writeYaml(dir, 'gateway.yaml', gatewayYaml('edge', ['adm.test.local']));
-    await writeYaml(dir, 'backend.yaml', serviceEntryYaml('backend', 'backend.svc', [{ port: up.port }]));
-    await writeYaml(dir, 'vs.yaml', VS);
-    g = await startTestGateway(dir);
-    port = g.port;
-  });
-
-  after(async () => {
-    await g?.close();
-    await up?.close();
-    await removeDir(dir);
-  });
-
-  const admin = (path: string) => request(g?.gw.ports.admin ?? 0, { path });
+  const admin = (path: string) => request(fx.gw.ports.admin ?? 0, { path });
   const json = async (path: string): Promise<unknown> => {
     const r = await admin(path);
     assert.equal(r.status, 200);
@@ -58,7 +26,7 @@ describe('admin and metrics', () => {
   };
 
   test('/ready answers 200 with the snapshot version; /healthz 200', async () => {
-    const version = g?.gw.engine.snapshot?.version;
+    const version = fx.gw.engine.snapshot?.version;
     assert.ok(version !== undefined);
     const ready = await admin('/ready');
     assert.equal(ready.status, 200);
@@ -68,7 +36,7 @@ describe('admin and metrics', () => {
 
   test('/config_dump shows the version and the resources', async () => {
     const dump = (await json('/config_dump')) as { version: string; resources: { kind: string; metadata: { name: string } }[] };
-    assert.equal(dump.version, g?.gw.engine.snapshot?.version);
+    assert.equal(dump.version, fx.gw.engine.snapshot?.version);
     const kinds = dump.resources.map((r) => `${r.kind}/${r.metadata.name}`).sort();
     assert.deepEqual(kinds, ['Gateway/edge', 'ServiceEntry/backend', 'VirtualService/adm']);
   });
@@ -85,14 +53,14 @@ describe('admin and metrics', () => {
     const listeners = (await json('/listeners')) as { port: number; protocol: string; bound_port: number }[];
     assert.deepEqual(
       listeners.map((l) => [l.port, l.protocol, l.bound_port]),
-      [[8080, 'HTTP', port]],
+      [[8080, 'HTTP', fx.port]],
     );
   });
 
   test('istio_requests_total carries destination_service, response_code and response_flags', async () => {
-    for (let i = 0; i < 3; i++) assert.equal((await request(port, { path: '/api/x', host: 'adm.test.local' })).status, 200);
-    assert.equal((await request(port, { path: '/nope', host: 'adm.test.local' })).status, 404);
-    const scrape = async () => (await request(g?.gw.ports.metrics ?? 0, { path: '/stats/prometheus' })).body;
+    for (let i = 0; i < 3; i++) assert.equal((await request(fx.port, { path: '/api/x', host: 'adm.test.local' })).status, 200);
+    assert.equal((await request(fx.port, { path: '/nope', host: 'adm.test.local' })).status, 404);
+    const scrape = async () => (await request(fx.gw.ports.metrics ?? 0, { path: '/stats/prometheus' })).body;
     // Metrics are recorded when the server side of the exchange closes: poll.
     const text = await poll('the metrics of 4 requests', async () => {
       const t = await scrape();

@@ -1,8 +1,18 @@
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { type Agent, createServer, request as httpRequest, type IncomingHttpHeaders, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import {
+  Agent,
+  type AgentOptions,
+  createServer,
+  request as httpRequest,
+  type IncomingHttpHeaders,
+  type IncomingMessage,
+  type Server,
+  type ServerResponse,
+} from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { after, before } from 'node:test';
 import pino from 'pino';
 import { type Gateway, type GatewayOptions, startGateway } from '../src/edge/gateway.ts';
 import type { AccessLogRecord } from '../src/engine/proxy.ts';
@@ -214,6 +224,110 @@ export async function startTestGateway(policies: string, extra: Partial<GatewayO
     throw new Error(`no listener for gateway port ${gatewayPort}`);
   }
   return { gw, port, access, close: () => gw.close() };
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Fixture: upstreams, policies and a gateway for one describe block
+
+/** What a policy file's text may be computed from: the policy folder and the started upstreams. */
+export interface FixtureContext {
+  readonly dir: string;
+  upstream(name: string): Upstream;
+}
+
+export interface UpstreamSpec {
+  readonly behave?: Behave;
+  /** Write `<name>.yaml`: a ServiceEntry `<name>` for host `<name>.svc` on this upstream. Default true. */
+  readonly serviceEntry?: boolean;
+}
+
+export interface GatewaySpec {
+  /** Hosts of the Gateway `edge` written to gateway.yaml (one HTTP server per port); none: no gateway.yaml. */
+  readonly hosts?: readonly string[];
+  /** Gateway ports bound (each to an ephemeral port); the first is `port`. Default [8080]. */
+  readonly ports?: readonly number[];
+  /** Upstreams started by name, in order; each answers with its name unless `behave` says otherwise. */
+  readonly upstreams?: Readonly<Record<string, UpstreamSpec>>;
+  /** Further policy files by name, written after the upstreams have started. */
+  readonly files?: Readonly<Record<string, string | ((ctx: FixtureContext) => string | Promise<string>)>>;
+  /** Gateway options on top of startTestGateway's defaults. */
+  readonly options?: Partial<GatewayOptions>;
+  /** A client agent for the tests, destroyed first on the way out. */
+  readonly agent?: AgentOptions;
+}
+
+export interface GatewayFixture extends FixtureContext {
+  readonly gw: Gateway;
+  /** Bound port of the first gateway port. */
+  readonly port: number;
+  readonly access: AccessLogRecord[];
+  readonly agent: Agent;
+  /** Bound port of a gateway port. */
+  listenerPort(gatewayPort: number): number;
+}
+
+/**
+ * Registers before/after hooks on the current describe block: a temporary policy folder, the upstreams and their
+ * ServiceEntries, the files, and a gateway on it; after: the agent, the gateway, the upstreams, the folder.
+ * The returned handle is usable inside tests and hooks that run after the before hook.
+ */
+export function useGateway(spec: GatewaySpec): GatewayFixture {
+  const ports = spec.ports ?? [8080];
+  const ups = new Map<string, Upstream>();
+  let dir: string | undefined;
+  let g: TestGateway | undefined;
+  let agent: Agent | undefined;
+  const ready = <T>(v: T | undefined, what: string): T => {
+    if (v === undefined) throw new Error(`useGateway: ${what} is not set up`);
+    return v;
+  };
+  const ctx: FixtureContext = {
+    get dir() {
+      return ready(dir, 'the policy folder');
+    },
+    upstream: (name) => ready(ups.get(name), `upstream ${name}`),
+  };
+
+  before(async () => {
+    if (spec.agent !== undefined) agent = new Agent(spec.agent);
+    dir = await tempDir();
+    for (const [name, u] of Object.entries(spec.upstreams ?? {})) {
+      const up = await startUpstream(name, u.behave);
+      ups.set(name, up);
+      if (u.serviceEntry !== false) await writeYaml(dir, `${name}.yaml`, serviceEntryYaml(name, `${name}.svc`, [{ port: up.port }]));
+    }
+    if (spec.hosts !== undefined) await writeYaml(dir, 'gateway.yaml', gatewayYaml('edge', spec.hosts, ports));
+    for (const [file, text] of Object.entries(spec.files ?? {})) await writeYaml(dir, file, typeof text === 'string' ? text : await text(ctx));
+    g = await startTestGateway(dir, { portMap: new Map(ports.map((p) => [p, 0])), ...spec.options }, ports[0]);
+  });
+
+  after(async () => {
+    agent?.destroy();
+    await g?.close();
+    for (const u of ups.values()) await u.close();
+    await removeDir(dir);
+  });
+
+  const gateway = () => ready(g, 'the gateway');
+  return {
+    get dir() {
+      return ctx.dir;
+    },
+    upstream: ctx.upstream,
+    get gw() {
+      return gateway().gw;
+    },
+    get port() {
+      return gateway().port;
+    },
+    get access() {
+      return gateway().access;
+    },
+    get agent() {
+      return ready(agent, 'the agent (spec.agent)');
+    },
+    listenerPort: (gatewayPort) => ready(gateway().gw.listenerPort(gatewayPort), `a listener for gateway port ${gatewayPort}`),
+  };
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -1,17 +1,6 @@
 import assert from 'node:assert/strict';
-import { after, before, describe, test } from 'node:test';
-import {
-  gatewayYaml,
-  removeDir,
-  request,
-  serviceEntryYaml,
-  startTestGateway,
-  startUpstream,
-  type TestGateway,
-  tempDir,
-  type Upstream,
-  writeYaml,
-} from './helpers.ts';
+import { describe, test } from 'node:test';
+import { request, useGateway } from './helpers.ts';
 
 const VS = `apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -28,33 +17,14 @@ const UUID_V4 = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f
 const TRACEPARENT = /^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$/;
 
 describe('proxy headers', () => {
-  let dir: string | undefined;
-  let g: TestGateway | undefined;
-  let up: Upstream | undefined;
-  let port = 0;
-
-  before(async () => {
-    dir = await tempDir();
-    up = await startUpstream('backend');
-    await writeYaml(dir, 'gateway.yaml', gatewayYaml('edge', ['ph.test.local']));
-    await writeYaml(dir, 'backend.yaml', serviceEntryYaml('backend', 'backend.svc', [{ port: up.port }]));
-    await writeYaml(dir, 'vs.yaml', VS);
-    g = await startTestGateway(dir);
-    port = g.port;
-  });
-
-  after(async () => {
-    await g?.close();
-    await up?.close();
-    await removeDir(dir);
-  });
+  const fx = useGateway({ hosts: ['ph.test.local'], upstreams: { backend: {} }, files: { 'vs.yaml': VS } });
 
   /** Sends one request and returns the headers the upstream received for it. */
   const upstreamHeaders = async (headers: Record<string, string>) => {
     const marker = `/m/${Math.random().toString(36).slice(2)}`;
-    const r = await request(port, { path: marker, host: 'ph.test.local', headers });
+    const r = await request(fx.port, { path: marker, host: 'ph.test.local', headers });
     assert.equal(r.status, 200);
-    const rec = up?.records.find((x) => x.url === marker);
+    const rec = fx.upstream('backend').records.find((x) => x.url === marker);
     assert.ok(rec !== undefined);
     return rec.headers;
   };

@@ -1,20 +1,6 @@
 import assert from 'node:assert/strict';
-import { Agent } from 'node:http';
-import { after, before, describe, test } from 'node:test';
-import {
-  counterValue,
-  gatewayYaml,
-  poll,
-  removeDir,
-  request,
-  serviceEntryYaml,
-  startTestGateway,
-  startUpstream,
-  type TestGateway,
-  tempDir,
-  type Upstream,
-  writeYaml,
-} from './helpers.ts';
+import { describe, test } from 'node:test';
+import { counterValue, poll, request, serviceEntryYaml, useGateway, writeYaml } from './helpers.ts';
 
 const vs = (host: string, extra = '') => `apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -28,48 +14,31 @@ ${extra}  http:
 `;
 
 describe('hot reload', () => {
-  let dir: string | undefined;
-  let g: TestGateway | undefined;
-  let oldUp: Upstream | undefined;
-  let newUp: Upstream | undefined;
-  let port = 0;
-  const agent = new Agent({ keepAlive: true, maxSockets: 8 });
-
-  before(async () => {
-    dir = await tempDir();
-    oldUp = await startUpstream('old');
-    newUp = await startUpstream('new');
-    await writeYaml(dir, 'gateway.yaml', gatewayYaml('edge', ['live.test.local']));
-    await writeYaml(
-      dir,
-      'services.yaml',
-      `${serviceEntryYaml('old', 'old.svc', [{ port: oldUp.port }])}---\n${serviceEntryYaml('new', 'new.svc', [{ port: newUp.port }])}`,
-    );
-    await writeYaml(dir, 'vs.yaml', vs('old.svc'));
-    g = await startTestGateway(dir, { watch: true });
-    port = g.port;
-  });
-
-  after(async () => {
-    agent.destroy();
-    await g?.close();
-    await oldUp?.close();
-    await newUp?.close();
-    await removeDir(dir);
+  // Both ServiceEntries in one file, services.yaml.
+  const fx = useGateway({
+    hosts: ['live.test.local'],
+    upstreams: { old: { serviceEntry: false }, new: { serviceEntry: false } },
+    files: {
+      'services.yaml': (f) =>
+        `${serviceEntryYaml('old', 'old.svc', [{ port: f.upstream('old').port }])}---\n${serviceEntryYaml('new', 'new.svc', [{ port: f.upstream('new').port }])}`,
+      'vs.yaml': vs('old.svc'),
+    },
+    options: { watch: true },
+    agent: { keepAlive: true, maxSockets: 8 },
   });
 
   const admin = async (path: string) => {
-    const r = await request(g?.gw.ports.admin ?? 0, { path });
+    const r = await request(fx.gw.ports.admin ?? 0, { path });
     assert.equal(r.status, 200);
     return r.body;
   };
   const rejectedReloads = async () => {
-    const r = await request(g?.gw.ports.metrics ?? 0, { path: '/stats/prometheus' });
+    const r = await request(fx.gw.ports.metrics ?? 0, { path: '/stats/prometheus' });
     assert.equal(r.status, 200);
     return counterValue(r.body, 'meshgate_config_reloads_total', { result: 'rejected' });
   };
   const version = async () => (JSON.parse(await admin('/config_dump')) as { version: string }).version;
-  const body = async () => (await request(port, { path: '/', host: 'live.test.local', agent })).body;
+  const body = async () => (await request(fx.port, { path: '/', host: 'live.test.local', agent: fx.agent })).body;
 
   test('a valid change under load: no failed request, and the new route is served', async () => {
     const before = await version();
@@ -80,7 +49,7 @@ describe('hot reload', () => {
     const client = async () => {
       while (!stop) {
         try {
-          const r = await request(port, { path: '/', host: 'live.test.local', agent });
+          const r = await request(fx.port, { path: '/', host: 'live.test.local', agent: fx.agent });
           if (r.status !== 200) failures.push(`${r.status} ${r.body}`);
           else seen.set(r.body, (seen.get(r.body) ?? 0) + 1);
         } catch (err) {
@@ -92,7 +61,7 @@ describe('hot reload', () => {
     const deadline = setTimeout(() => (stop = true), 2500);
     try {
       await poll('some traffic before the change', () => ((seen.get('old') ?? 0) > 20 ? true : undefined));
-      await writeYaml(dir as string, 'vs.yaml', vs('new.svc'));
+      await writeYaml(fx.dir, 'vs.yaml', vs('new.svc'));
       await poll('the new route', () => ((seen.get('new') ?? 0) > 0 ? true : undefined), 5000);
     } finally {
       // The clients run until the deadline (bounded even when a poll above failed).
@@ -113,7 +82,7 @@ describe('hot reload', () => {
     });
     const good = await version();
     const rejectedBefore = await rejectedReloads();
-    await writeYaml(dir as string, 'vs.yaml', vs('old.svc', '  bogusField: true\n'));
+    await writeYaml(fx.dir, 'vs.yaml', vs('old.svc', '  bogusField: true\n'));
     await poll('the rejected reload', async () => ((await rejectedReloads()) > rejectedBefore ? true : undefined), 5000);
     assert.equal(await body(), 'new');
     assert.equal(await version(), good);
@@ -122,7 +91,7 @@ describe('hot reload', () => {
   });
 
   test('gw.reload() on invalid files returns rejected with file:line:col in the errors', async () => {
-    const r = await (g as TestGateway).gw.reload();
+    const r = await fx.gw.reload();
     assert.equal(r.result, 'rejected');
     assert.ok(r.result === 'rejected' && r.errors.length > 0);
     assert.ok(

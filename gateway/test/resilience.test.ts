@@ -1,20 +1,7 @@
 import assert from 'node:assert/strict';
 import { performance } from 'node:perf_hooks';
-import { after, before, describe, test } from 'node:test';
-import {
-  accessRecord,
-  freePort,
-  gatewayYaml,
-  removeDir,
-  request,
-  serviceEntryYaml,
-  startTestGateway,
-  startUpstream,
-  type TestGateway,
-  tempDir,
-  type Upstream,
-  writeYaml,
-} from './helpers.ts';
+import { describe, test } from 'node:test';
+import { accessRecord, freePort, request, serviceEntryYaml, useGateway } from './helpers.ts';
 
 const route = (name: string, path: string, host: string, extra: string) => `  - name: ${name}
     match: [{uri: {prefix: ${path}}}]
@@ -43,40 +30,30 @@ ${[
 `;
 
 describe('timeouts, retries and faults', () => {
-  let dir: string | undefined;
-  let g: TestGateway | undefined;
-  const ups = new Map<string, Upstream>();
-  let port = 0;
   /** What the gateway's random source returns; tests set it to pick a side of a percentage. */
   let rnd = 0.5;
-  const up = (name: string) => ups.get(name) as Upstream;
-
-  before(async () => {
-    dir = await tempDir();
-    for (const name of ['slow', 'flaky', 'noretry', 'post', 'pertry', 'backoff', 'backend']) ups.set(name, await startUpstream(name));
-    up('slow').behave = () => ({ delayMs: 2000 });
-    up('flaky').behave = (_r, n) => (n <= 2 ? { status: 503 } : {});
-    up('noretry').behave = () => ({ status: 503 });
-    up('post').behave = (_r, n) => (n === 1 ? { status: 503 } : {});
-    up('pertry').behave = (_r, n) => (n === 1 ? { delayMs: 2000 } : {});
-    up('backoff').behave = (_r, n) => (n <= 5 ? { status: 503 } : { delayMs: 10_000 });
-    await writeYaml(dir, 'gateway.yaml', gatewayYaml('edge', ['res.test.local']));
-    for (const [name, u] of ups) await writeYaml(dir, `${name}.yaml`, serviceEntryYaml(name, `${name}.svc`, [{ port: u.port }]));
-    await writeYaml(dir, 'dead.yaml', serviceEntryYaml('dead', 'dead.svc', [{ port: await freePort() }]));
-    await writeYaml(dir, 'vs.yaml', VS);
-    g = await startTestGateway(dir, { random: () => rnd });
-    port = g.port;
+  const fx = useGateway({
+    hosts: ['res.test.local'],
+    upstreams: {
+      slow: { behave: () => ({ delayMs: 2000 }) },
+      flaky: { behave: (_r, n) => (n <= 2 ? { status: 503 } : {}) },
+      noretry: { behave: () => ({ status: 503 }) },
+      post: { behave: (_r, n) => (n === 1 ? { status: 503 } : {}) },
+      pertry: { behave: (_r, n) => (n === 1 ? { delayMs: 2000 } : {}) },
+      backoff: { behave: (_r, n) => (n <= 5 ? { status: 503 } : { delayMs: 10_000 }) },
+      backend: {},
+    },
+    files: {
+      'dead.yaml': async () => serviceEntryYaml('dead', 'dead.svc', [{ port: await freePort() }]),
+      'vs.yaml': VS,
+    },
+    options: { random: () => rnd },
   });
-
-  after(async () => {
-    await g?.close();
-    for (const u of ups.values()) await u.close();
-    await removeDir(dir);
-  });
+  const up = (name: string) => fx.upstream(name);
 
   const get = (path: string, id: string, o: { method?: string; body?: string } = {}) =>
-    request(port, { path, host: 'res.test.local', headers: { 'x-request-id': id }, ...o });
-  const log = (id: string) => accessRecord(g?.access ?? [], id);
+    request(fx.port, { path, host: 'res.test.local', headers: { 'x-request-id': id }, ...o });
+  const log = (id: string) => accessRecord(fx.access, id);
 
   test('route timeout: 504 upstream_timeout when the upstream is slower', async () => {
     const r = await get('/timeout', 'res-timeout');

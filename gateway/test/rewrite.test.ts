@@ -1,18 +1,6 @@
 import assert from 'node:assert/strict';
-import { after, before, describe, test } from 'node:test';
-import {
-  accessRecord,
-  gatewayYaml,
-  removeDir,
-  request,
-  serviceEntryYaml,
-  startTestGateway,
-  startUpstream,
-  type TestGateway,
-  tempDir,
-  type Upstream,
-  writeYaml,
-} from './helpers.ts';
+import { describe, test } from 'node:test';
+import { accessRecord, request, useGateway } from './helpers.ts';
 
 const VS = `apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -67,83 +55,72 @@ spec:
 `;
 
 describe('rewrite, redirect, directResponse and header mutations', () => {
-  let dir: string | undefined;
-  let g: TestGateway | undefined;
-  let up: Upstream | undefined;
-  let port = 0;
-
-  before(async () => {
-    dir = await tempDir();
-    up = await startUpstream('backend', () => ({
-      headers: { 'x-upstream-secret': 's3cret', 'x-upstream-internal': 'i', 'x-resp-add': 'upstream', 'x-resp-set': 'upstream' },
-    }));
-    await writeYaml(dir, 'gateway.yaml', gatewayYaml('edge', ['rw.test.local']));
-    await writeYaml(dir, 'backend.yaml', serviceEntryYaml('backend', 'backend.svc', [{ port: up.port }]));
-    await writeYaml(dir, 'vs.yaml', VS);
-    g = await startTestGateway(dir);
-    port = g.port;
-  });
-
-  after(async () => {
-    await g?.close();
-    await up?.close();
-    await removeDir(dir);
+  const fx = useGateway({
+    hosts: ['rw.test.local'],
+    upstreams: {
+      backend: {
+        behave: () => ({
+          headers: { 'x-upstream-secret': 's3cret', 'x-upstream-internal': 'i', 'x-resp-add': 'upstream', 'x-resp-set': 'upstream' },
+        }),
+      },
+    },
+    files: { 'vs.yaml': VS },
   });
 
   const last = () => {
-    const u = up as Upstream;
+    const u = fx.upstream('backend');
     const r = u.records[u.records.length - 1];
     assert.ok(r !== undefined, 'the upstream saw no request');
     return r;
   };
 
   test('rewrite.uri replaces the matched prefix and keeps the query', async () => {
-    const r = await request(port, { path: '/api/items/7?sort=asc&x=1', host: 'rw.test.local' });
+    const r = await request(fx.port, { path: '/api/items/7?sort=asc&x=1', host: 'rw.test.local' });
     assert.equal(r.status, 200);
     assert.equal(last().url, '/v2/items/7?sort=asc&x=1');
   });
 
   test('rewrite.authority: the upstream sees the new Host', async () => {
-    const r = await request(port, { path: '/auth-rw/x', host: 'rw.test.local' });
+    const r = await request(fx.port, { path: '/auth-rw/x', host: 'rw.test.local' });
     assert.equal(r.status, 200);
     assert.equal(last().headers.host, 'backend.internal');
     assert.equal(last().url, '/auth-rw/x');
   });
 
   test('uriRegexRewrite with capture groups, query kept', async () => {
-    const r = await request(port, { path: '/rx/abc/42?q=1', host: 'rw.test.local' });
+    const r = await request(fx.port, { path: '/rx/abc/42?q=1', host: 'rw.test.local' });
     assert.equal(r.status, 200);
     assert.equal(last().url, '/items/42/abc?q=1');
   });
 
   test('redirect defaults to 301 and keeps scheme and authority', async () => {
-    const r = await request(port, { path: '/old', host: 'rw.test.local', headers: { 'x-request-id': 'rw-redirect-1' } });
+    const r = await request(fx.port, { path: '/old', host: 'rw.test.local', headers: { 'x-request-id': 'rw-redirect-1' } });
     assert.equal(r.status, 301);
     assert.equal(r.headers.location, 'http://rw.test.local/new');
-    const rec = await accessRecord(g?.access ?? [], 'rw-redirect-1');
+    const rec = await accessRecord(fx.access, 'rw-redirect-1');
     assert.equal(rec.response_code_details, 'redirect');
   });
 
   test('redirect with code, uri, authority and scheme', async () => {
-    const before = (up as Upstream).count;
-    const r = await request(port, { path: '/moved', host: 'rw.test.local' });
+    const before = fx.upstream('backend').count;
+    const r = await request(fx.port, { path: '/moved', host: 'rw.test.local' });
     assert.equal(r.status, 302);
     assert.equal(r.headers.location, 'https://other.test.local/landing');
-    assert.equal((up as Upstream).count, before, 'a redirect never reaches the upstream');
+    assert.equal(fx.upstream('backend').count, before, 'a redirect never reaches the upstream');
   });
 
   test('directResponse answers with the configured status and body', async () => {
-    const before = (up as Upstream).count;
-    const r = await request(port, { path: '/direct', host: 'rw.test.local', headers: { 'x-request-id': 'rw-direct-1' } });
+    const before = fx.upstream('backend').count;
+    const r = await request(fx.port, { path: '/direct', host: 'rw.test.local', headers: { 'x-request-id': 'rw-direct-1' } });
     assert.equal(r.status, 418);
     assert.equal(r.body, 'short and stout');
-    assert.equal((up as Upstream).count, before);
-    const rec = await accessRecord(g?.access ?? [], 'rw-direct-1');
+    assert.equal(fx.upstream('backend').count, before);
+    const rec = await accessRecord(fx.access, 'rw-direct-1');
     assert.equal(rec.response_code_details, 'direct_response');
   });
 
   test('request headers: set, add, remove at route and destination level', async () => {
-    const r = await request(port, {
+    const r = await request(fx.port, {
       path: '/hdr',
       host: 'rw.test.local',
       headers: { 'x-set': 'client', 'x-add': 'client', 'x-remove': 'bye', 'x-dest-remove': 'bye', 'x-keep': 'kept' },
@@ -159,7 +136,7 @@ describe('rewrite, redirect, directResponse and header mutations', () => {
   });
 
   test('response headers: set, add, remove at route and destination level', async () => {
-    const r = await request(port, { path: '/hdr', host: 'rw.test.local' });
+    const r = await request(fx.port, { path: '/hdr', host: 'rw.test.local' });
     assert.equal(r.status, 200);
     assert.equal(r.headers['x-resp-set'], 'route');
     assert.equal(r.headers['x-resp-add'], 'upstream, route');

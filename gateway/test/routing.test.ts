@@ -1,19 +1,6 @@
 import assert from 'node:assert/strict';
-import { Agent } from 'node:http';
-import { after, before, describe, test } from 'node:test';
-import {
-  accessRecord,
-  gatewayYaml,
-  removeDir,
-  request,
-  serviceEntryYaml,
-  startTestGateway,
-  startUpstream,
-  type TestGateway,
-  tempDir,
-  type Upstream,
-  writeYaml,
-} from './helpers.ts';
+import { describe, test } from 'node:test';
+import { accessRecord, request, serviceEntryYaml, useGateway } from './helpers.ts';
 
 /** Seeded PRNG (mulberry32): deterministic weights without depending on the exact draw order. */
 function seeded(seed: number): () => number {
@@ -93,43 +80,24 @@ spec:
 `;
 
 describe('routing', () => {
-  let dir: string | undefined;
-  let g: TestGateway | undefined;
-  let v1: Upstream | undefined;
-  let v2: Upstream | undefined;
-  let port = 0;
-  let port8081 = 0;
-  const agent = new Agent({ keepAlive: true, maxSockets: 10 });
-
-  before(async () => {
-    dir = await tempDir();
-    v1 = await startUpstream('v1');
-    v2 = await startUpstream('v2');
-    await writeYaml(dir, 'gateway.yaml', gatewayYaml('edge', ['match.test.local', 'alt.test.local', 'weights.test.local'], [8080, 8081]));
-    await writeYaml(dir, 'matchers.yaml', MATCHERS);
-    await writeYaml(dir, 'weights.yaml', WEIGHTS(v1.port, v2.port));
-    g = await startTestGateway(dir, {
-      portMap: new Map([
-        [8080, 0],
-        [8081, 0],
-      ]),
-      random: seeded(42),
-    });
-    port = g.port;
-    port8081 = g.gw.listenerPort(8081) ?? 0;
-    assert.notEqual(port8081, 0);
-  });
-
-  after(async () => {
-    agent.destroy();
-    await g?.close();
-    await v1?.close();
-    await v2?.close();
-    await removeDir(dir);
+  // v1 and v2 are the two subsets of weights.svc: WEIGHTS writes their ServiceEntry.
+  const fx = useGateway({
+    hosts: ['match.test.local', 'alt.test.local', 'weights.test.local'],
+    ports: [8080, 8081],
+    upstreams: { v1: { serviceEntry: false }, v2: { serviceEntry: false } },
+    files: { 'matchers.yaml': MATCHERS, 'weights.yaml': (f) => WEIGHTS(f.upstream('v1').port, f.upstream('v2').port) },
+    options: { random: seeded(42) },
+    agent: { keepAlive: true, maxSockets: 10 },
   });
 
   const routeOf = async (path: string, o: { host?: string; method?: string; headers?: Record<string, string>; port?: number } = {}) => {
-    const r = await request(o.port ?? port, { path, host: o.host ?? 'match.test.local', method: o.method ?? 'GET', headers: o.headers ?? {}, agent });
+    const r = await request(o.port ?? fx.port, {
+      path,
+      host: o.host ?? 'match.test.local',
+      method: o.method ?? 'GET',
+      headers: o.headers ?? {},
+      agent: fx.agent,
+    });
     return r.status === 200 ? r.body : `${r.status}`;
   };
 
@@ -192,7 +160,7 @@ describe('routing', () => {
   });
 
   test('match port selects by the gateway port the request arrived on', async () => {
-    assert.equal(await routeOf('/p', { port: port8081 }), 'port-8081');
+    assert.equal(await routeOf('/p', { port: fx.listenerPort(8081) }), 'port-8081');
     assert.equal(await routeOf('/p'), 'any-port');
   });
 
@@ -201,9 +169,9 @@ describe('routing', () => {
   });
 
   test('no matching route: 404 with details route_not_found and flag NR', async () => {
-    const r = await request(port, { path: '/nothing-here', host: 'match.test.local', headers: { 'x-request-id': 'routing-nr-1' } });
+    const r = await request(fx.port, { path: '/nothing-here', host: 'match.test.local', headers: { 'x-request-id': 'routing-nr-1' } });
     assert.equal(r.status, 404);
-    const rec = await accessRecord(g?.access ?? [], 'routing-nr-1');
+    const rec = await accessRecord(fx.access, 'routing-nr-1');
     assert.equal(rec.response_code, 404);
     assert.equal(rec.response_code_details, 'route_not_found');
     assert.equal(rec.response_flags, 'NR');
@@ -211,15 +179,15 @@ describe('routing', () => {
   });
 
   test('unknown Host: 404 route_not_found', async () => {
-    const r = await request(port, { path: '/exact', host: 'unknown.test.local', headers: { 'x-request-id': 'routing-nr-2' } });
+    const r = await request(fx.port, { path: '/exact', host: 'unknown.test.local', headers: { 'x-request-id': 'routing-nr-2' } });
     assert.equal(r.status, 404);
-    const rec = await accessRecord(g?.access ?? [], 'routing-nr-2');
+    const rec = await accessRecord(fx.access, 'routing-nr-2');
     assert.equal(rec.response_code_details, 'route_not_found');
   });
 
   test('weighted destinations split 80/20 within tolerance over 1000 requests', async () => {
-    const u1 = v1 as Upstream;
-    const u2 = v2 as Upstream;
+    const u1 = fx.upstream('v1');
+    const u2 = fx.upstream('v2');
     u1.reset();
     u2.reset();
     const N = 1000;
@@ -228,7 +196,7 @@ describe('routing', () => {
     const worker = async () => {
       while (next < N) {
         next++;
-        const r = await request(port, { path: '/w', host: 'weights.test.local', agent });
+        const r = await request(fx.port, { path: '/w', host: 'weights.test.local', agent: fx.agent });
         assert.equal(r.status, 200);
         counts.set(r.body, (counts.get(r.body) ?? 0) + 1);
       }

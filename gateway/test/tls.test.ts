@@ -1,8 +1,8 @@
 import assert from 'node:assert/strict';
 import { request as httpsRequest } from 'node:https';
-import { after, before, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 import { connect, type PeerCertificate } from 'node:tls';
-import { removeDir, serviceEntryYaml, startTestGateway, startUpstream, type TestGateway, tempDir, type Upstream, writeYaml } from './helpers.ts';
+import { useGateway } from './helpers.ts';
 import { makePki, type Pki } from './pki.ts';
 
 const NAMES = ['a.test.local', 'b.test.local'] as const;
@@ -45,33 +45,23 @@ spec:
 const fingerprint = (hex: string) => (hex.toUpperCase().match(/../g) ?? []).join(':');
 
 describe('HTTPS with SNI', () => {
-  let dir: string | undefined;
-  let g: TestGateway | undefined;
-  let up: Upstream | undefined;
   let pki: Pki | undefined;
-  let port = 0;
-
-  before(async () => {
-    dir = await tempDir();
-    pki = await makePki(dir, NAMES);
-    up = await startUpstream('backend');
-    await writeYaml(dir, 'gateway.yaml', gatewayTls(pki));
-    await writeYaml(dir, 'backend.yaml', serviceEntryYaml('backend', 'backend.svc', [{ port: up.port }]));
-    await writeYaml(dir, 'vs.yaml', VS);
-    g = await startTestGateway(dir, { portMap: new Map([[8443, 0]]) }, 8443);
-    port = g.port;
-  });
-
-  after(async () => {
-    await g?.close();
-    await up?.close();
-    await removeDir(dir);
+  const fx = useGateway({
+    ports: [8443],
+    upstreams: { backend: {} },
+    files: {
+      'gateway.yaml': async ({ dir }) => {
+        pki = await makePki(dir, NAMES);
+        return gatewayTls(pki);
+      },
+      'vs.yaml': VS,
+    },
   });
 
   /** The certificate the gateway presents for a server name, verified against the per-run CA. */
   const peerCertificate = (servername: string) =>
     new Promise<PeerCertificate>((resolve, reject) => {
-      const s = connect({ host: '127.0.0.1', port, servername, ca: pki?.caPem }, () => {
+      const s = connect({ host: '127.0.0.1', port: fx.port, servername, ca: pki?.caPem }, () => {
         const cert = s.getPeerCertificate();
         s.end();
         resolve(cert);
@@ -81,7 +71,7 @@ describe('HTTPS with SNI', () => {
 
   const get = (servername: string, path: string) =>
     new Promise<{ status: number; body: string; cert: PeerCertificate }>((resolve, reject) => {
-      const req = httpsRequest({ host: '127.0.0.1', port, path, servername, ca: pki?.caPem, headers: { host: servername }, agent: false }, (res) => {
+      const req = httpsRequest({ host: '127.0.0.1', port: fx.port, path, servername, ca: pki?.caPem, headers: { host: servername }, agent: false }, (res) => {
         const cert = (res.socket as import('node:tls').TLSSocket).getPeerCertificate();
         const chunks: Buffer[] = [];
         res.on('data', (c: Buffer) => chunks.push(c));
@@ -105,7 +95,7 @@ describe('HTTPS with SNI', () => {
       assert.equal(r.status, 200);
       assert.equal(r.body, 'backend');
       assert.equal(r.cert.subject.CN, name);
-      const rec = up?.records.find((x) => x.url === `/via/${name}`);
+      const rec = fx.upstream('backend').records.find((x) => x.url === `/via/${name}`);
       assert.equal(rec?.headers.host, name);
       assert.equal(rec?.headers['x-forwarded-proto'], 'https');
     });
