@@ -3,10 +3,12 @@
 //   npm run bench                                   (repo root, defaults)
 //   node_modules/.bin/node loadtest/src/bench.ts --duration 5 --rounds 3 --connections 50 --json out.json
 //
-// Everything runs on 127.0.0.1 only. Server-side processes (upstream, nginx
-// proxy, meshgate) are pinned to one CPU and wrk to another with taskset, so
-// the proxies are compared at equal CPU budget. See loadtest/README.md.
+// Everything runs on 127.0.0.1 only. With taskset, the proxy under test (nginx
+// proxy, meshgate) runs alone on one CPU and the load side (upstream, wrk and
+// this harness) on another, so each proxy gets exactly one core of its own. Each
+// proxy's own CPU time per request is measured from /proc. See loadtest/README.md.
 
+import { execFileSync } from 'node:child_process';
 import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, unlinkSync, writeFileSync } from 'node:fs';
 import { request } from 'node:http';
 import { createServer } from 'node:net';
@@ -14,7 +16,7 @@ import { availableParallelism, cpus, release, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { meshgatePolicies, NODE_UPSTREAM_SCRIPT, nginxProxyConf, nginxUpstreamConf, UPSTREAM_BODY } from './configs.ts';
-import { type CpuSample, foreignCores, sampleCpu } from './cpu.ts';
+import { busyFraction, type CpuSample, foreignCores, groupTicks, sampleCpu } from './cpu.ts';
 import { findExecutable, type Managed, runCaptured, Supervisor, tail } from './procs.ts';
 import { errorCount, parseWrk, type WrkResult } from './wrk.ts';
 
@@ -26,6 +28,10 @@ interface Target {
   url: string;
   /** Processes that must stay alive for this target to be valid. */
   procs: Managed[];
+  /** The process under test, whose process group's CPU time is measured (the proxy; for direct the upstream). */
+  measured: Managed;
+  /** True for nginx and meshgate: a proxy in front of the upstream. */
+  proxied: boolean;
 }
 
 /** One wrk run plus how much CPU other processes on the machine took meanwhile. */
@@ -34,6 +40,17 @@ interface RunResult extends WrkResult {
   foreignCores: number | null;
   /** CPU (in cores) used by the bench's own processes (servers, wrk, harness) during the run. */
   benchCores: number | null;
+  /**
+   * CPU time (utime+stime, all threads and processes of its group) of the process under test
+   * per completed request, in µs: the proxy for nginx/meshgate, the upstream for direct.
+   */
+  cpuUsPerReq: number | null;
+  /** The same CPU time divided by the run's wall time: 1.0 = one core fully busy. */
+  cpuCores: number | null;
+  /** For proxied targets: the upstream's CPU time per completed request, in µs. */
+  upstreamUsPerReq: number | null;
+  /** Busy fraction (0..1) of the load CPU (upstream + wrk) during the run; null when not pinned. */
+  loadCpuBusy: number | null;
 }
 
 interface Stats {
@@ -48,6 +65,13 @@ interface Stats {
   socketErrors: number;
   /** Measured runs where other processes took more than DISTURBED_CORES of CPU. */
   disturbed: number;
+  /** Medians over the rounds (NaN when not measured). */
+  cpuUsPerReq: number;
+  cpuCores: number;
+  upstreamUsPerReq: number;
+  loadCpuBusy: number;
+  /** Measured runs with the load CPU busier than SATURATED_LOAD. */
+  loadSaturated: number;
   rounds: RunResult[];
 }
 
@@ -60,7 +84,10 @@ const USAGE = `usage: node loadtest/src/bench.ts [options]     (npm run bench: d
   --targets LIST    comma list of direct,nginx,meshgate  (default all)
   --json PATH       also write the JSON result to PATH (relative to the cwd)
   --gateway-cli F   meshgate CLI to run (default gateway/src/cli.ts of this checkout)
-  --no-pin          do not pin processes with taskset
+  --access-log      proxies log every request to a file in the temp dir
+                    (nginx: combined buffer=64k; meshgate: JSON lines). Default off
+  --no-pin          do not pin processes with taskset (default: proxy under test
+                    alone on the first allowed CPU; upstream, wrk, harness on the second)
   -h, --help        this text
 
 The last line of stdout is always the JSON result (one line).
@@ -77,6 +104,8 @@ const LOCK_WAIT_MS = 180_000;
 const DISTURBED_CORES = 0.1;
 /** Rounds whose rps spread exceeds this fraction of the median are flagged as noisy. */
 const NOISY_SPREAD = 0.1;
+/** A proxied run with the load CPU busier than this was (nearly) limited by the load side, not the proxy. */
+const SATURATED_LOAD = 0.9;
 
 class BenchError extends Error {}
 
@@ -290,6 +319,7 @@ function parseCli() {
       targets: { type: 'string', default: TARGET_NAMES.join(',') },
       json: { type: 'string' },
       'gateway-cli': { type: 'string', default: DEFAULT_GATEWAY_CLI },
+      'access-log': { type: 'boolean', default: false },
       'no-pin': { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -303,13 +333,15 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
   try {
     parsed = parseCli();
   } catch (err) {
-    // `npm run bench -- --duration 3` at the repo root goes through a second
-    // `npm run` that eats the flags and passes only their values on.
+    // A wrapper npm script without a trailing `--` (e.g. an old root script
+    // `npm run bench -w loadtest`) eats the --flags and passes only their
+    // values on: then every argument is a bare value.
+    const args = process.argv.slice(2);
     const npmHint =
-      process.env.npm_lifecycle_event !== undefined && process.argv.slice(2).some((a) => !a.startsWith('-'))
-        ? '\nnpm consumed the --flags and passed only their values. Use one of:\n' +
-          '  node_modules/.bin/node loadtest/src/bench.ts --duration 3   (from the repo root)\n' +
-          '  cd loadtest && npm run bench -- --duration 3\n'
+      process.env.npm_lifecycle_event !== undefined && args.length > 0 && args.every((a) => !a.startsWith('-'))
+        ? `\nonly bare values arrived (${args.join(' ')}): an npm script in between consumed the --flags.\n` +
+          'The root script must forward them: "bench": "npm run bench -w loadtest --". Or run directly:\n' +
+          '  node_modules/.bin/node loadtest/src/bench.ts --duration 3   (from the repo root)\n'
         : '';
     throw new BenchError(`${(err as Error).message}${npmHint}\n${USAGE}`);
   }
@@ -342,17 +374,27 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
   const taskset = findExecutable('taskset', ['/usr/bin/taskset']);
   const cpuList = allowedCpus();
   const pin = !values['no-pin'] && taskset !== undefined && cpuList.length >= 2;
-  const serverCpu = String(cpuList[0] ?? 0);
-  const clientCpu = String(cpuList[1] ?? 1);
+  // The proxy under test gets a core of its own; the upstream shares the
+  // other one with wrk (and this harness), i.e. the load side.
+  const proxyCpu = String(cpuList[0] ?? 0);
+  const loadCpu = String(cpuList[1] ?? 1);
   const pinNote = values['no-pin']
     ? 'off (--no-pin)'
     : taskset === undefined
       ? 'off (taskset not found: apt-get install -y util-linux)'
       : cpuList.length < 2
         ? `off (only ${cpuList.length || 'unknown'} CPU allowed)`
-        : `on: servers on CPU ${serverCpu}, wrk on CPU ${clientCpu}`;
-  const onServerCpu = (cmd: string, args: string[]): [string, string[]] => (pin && taskset ? [taskset, ['-c', serverCpu, cmd, ...args]] : [cmd, args]);
-  const onClientCpu = (cmd: string, args: string[]): [string, string[]] => (pin && taskset ? [taskset, ['-c', clientCpu, cmd, ...args]] : [cmd, args]);
+        : `on: proxy under test alone on CPU ${proxyCpu}; upstream + wrk + harness on CPU ${loadCpu} (the load side)`;
+  const onProxyCpu = (cmd: string, args: string[]): [string, string[]] => (pin && taskset ? [taskset, ['-c', proxyCpu, cmd, ...args]] : [cmd, args]);
+  const onLoadCpu = (cmd: string, args: string[]): [string, string[]] => (pin && taskset ? [taskset, ['-c', loadCpu, cmd, ...args]] : [cmd, args]);
+  const accessLog = values['access-log'];
+  let clkTck = 100;
+  try {
+    const n = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8', timeout: 2000, stdio: ['ignore', 'pipe', 'ignore'] }).trim());
+    if (Number.isInteger(n) && n > 0) clkTck = n;
+  } catch {
+    // keep the Linux default of 100
+  }
 
   const wantNginx = wanted.includes('nginx');
   const wantMeshgate = wanted.includes('meshgate');
@@ -373,6 +415,12 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
     nginx === undefined ? undefined : (await runCaptured(sup, 'nginx -v', nginx, ['-v'], 5000)).stderr.trim().replace(/^nginx version:\s*/, '');
 
   await acquireLock();
+  const nproc = availableParallelism(); // before the harness pins itself to one CPU
+  if (pin && taskset !== undefined) {
+    // Keep the harness (all its threads; later ones inherit) off the proxy's core.
+    const r = await runCaptured(sup, 'taskset (harness)', taskset, ['-a', '-p', '-c', loadCpu, String(process.pid)], 5000);
+    if (r.exit.code !== 0) log(`warning: could not pin the harness to CPU ${loadCpu}: ${r.stderr.trim()}`);
+  }
   const busyAtStart = await cpuBusy(1000);
   if (busyAtStart > 0.15) {
     log(`warning: CPUs were ${(busyAtStart * 100).toFixed(0)}% busy before start; other work on this machine skews the numbers`);
@@ -390,10 +438,10 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
   if (nginx !== undefined) {
     const conf = join(tmp, 'upstream.conf');
     writeFileSync(conf, nginxUpstreamConf(tmp, upstreamPort));
-    const [cmd, args] = onServerCpu(nginx, ['-p', tmp, '-c', conf, '-g', 'daemon off;']);
+    const [cmd, args] = onLoadCpu(nginx, ['-p', tmp, '-c', conf, '-g', 'daemon off;']);
     upstream = sup.start('upstream (nginx)', cmd, args, { logPath: join(tmp, 'upstream.out') });
   } else {
-    const [cmd, args] = onServerCpu(process.execPath, ['--input-type=module', '-e', NODE_UPSTREAM_SCRIPT, String(upstreamPort)]);
+    const [cmd, args] = onLoadCpu(process.execPath, ['--input-type=module', '-e', NODE_UPSTREAM_SCRIPT, String(upstreamPort)]);
     upstream = sup.start('upstream (node:http)', cmd, args, { logPath: join(tmp, 'upstream.out') });
   }
   const directUrl = `http://127.0.0.1:${upstreamPort}/`;
@@ -401,19 +449,21 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
   log(`${upstream.name} listening on ${directUrl}`);
 
   const targets: Target[] = [];
-  if (wanted.includes('direct')) targets.push({ name: 'direct', url: directUrl, procs: [upstream] });
+  if (wanted.includes('direct')) targets.push({ name: 'direct', url: directUrl, procs: [upstream], measured: upstream, proxied: false });
+  const nginxAccessLog = join(tmp, 'nginx-access.log');
+  const meshgateAccessLog = join(tmp, 'meshgate-access.log');
 
   // --- nginx reverse proxy ------------------------------------------------
   if (wantNginx && nginx !== undefined) {
     const port = await freePort();
     const conf = join(tmp, 'proxy.conf');
-    writeFileSync(conf, nginxProxyConf(tmp, port, upstreamPort));
-    const [cmd, args] = onServerCpu(nginx, ['-p', tmp, '-c', conf, '-g', 'daemon off;']);
+    writeFileSync(conf, nginxProxyConf(tmp, port, upstreamPort, accessLog ? nginxAccessLog : undefined));
+    const [cmd, args] = onProxyCpu(nginx, ['-p', tmp, '-c', conf, '-g', 'daemon off;']);
     const proxy = sup.start('nginx proxy', cmd, args, { logPath: join(tmp, 'proxy.out') });
     const url = `http://127.0.0.1:${port}/`;
     await waitForHttp(proxy, url, 10_000, UPSTREAM_BODY);
     log(`nginx proxy listening on ${url}`);
-    targets.push({ name: 'nginx', url, procs: [upstream, proxy] });
+    targets.push({ name: 'nginx', url, procs: [upstream, proxy], measured: proxy, proxied: true });
   }
 
   // --- meshgate ----------------------------------------------------------
@@ -425,7 +475,7 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
     const policiesDir = join(tmp, 'policies');
     mkdirSync(policiesDir);
     writeFileSync(join(policiesDir, 'bench.yaml'), meshgatePolicies(gatewayPort, upstreamPort));
-    const [cmd, args] = onServerCpu(process.execPath, [
+    const [cmd, args] = onProxyCpu(process.execPath, [
       gatewayCli,
       'gateway',
       '--policies',
@@ -437,7 +487,7 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
       '--metrics-port',
       String(metricsPort),
       '--access-log',
-      'off',
+      accessLog ? meshgateAccessLog : 'off',
     ]);
     meshgate = sup.start('meshgate', cmd, args, { cwd: REPO_ROOT, logPath: join(tmp, 'meshgate.out') });
     const started = Date.now();
@@ -447,24 +497,32 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
     // Ready must mean routable: the route has to answer with the upstream's body.
     await waitForHttp(meshgate, url, 5000, UPSTREAM_BODY);
     log(`meshgate routing ${url} -> ${directUrl}`);
-    targets.push({ name: 'meshgate', url, procs: [upstream, meshgate] });
+    targets.push({ name: 'meshgate', url, procs: [upstream, meshgate], measured: meshgate, proxied: true });
   }
 
   // --- load --------------------------------------------------------------
   const ncpu = cpus().length || 1;
+  /** Requests wrk completed per target, warm-up included (to compare with access-log lines). */
+  const sent = new Map<TargetName, number>();
   const runWrk = async (t: Target, seconds: number, label: string): Promise<RunResult> => {
     for (const p of t.procs) if (p.exitInfo !== undefined) failProcess(p, `before ${label} of ${t.name}`);
-    const [cmd, args] = onClientCpu(wrk, ['-t1', `-c${connections}`, `-d${seconds}s`, '--timeout', '5s', '--latency', t.url]);
+    const [cmd, args] = onLoadCpu(wrk, ['-t1', `-c${connections}`, `-d${seconds}s`, '--timeout', '5s', '--latency', t.url]);
     // Sample CPU accounting inside the steady part of the run (skip connect and wind-down).
     let before: CpuSample | undefined;
     let after: CpuSample | undefined;
     const timers: NodeJS.Timeout[] = [];
-    const sample = () => sampleCpu(sup.pgids(), new Set([process.pid]));
+    const sample = () => sampleCpu(sup.pgids(), new Set([process.pid]), pin ? Number(loadCpu) : undefined);
     const onStart = () => {
       if (seconds < 2) return;
       timers.push(setTimeout(() => (before = sample()), 500));
       timers.push(setTimeout(() => (after = sample()), seconds * 1000 - 300));
     };
+    // CPU time of the process under test (and the upstream) over the whole run:
+    // both are idle outside it, so this is the work for wrk's requests.
+    const measuredPgid = t.measured.child.pid ?? -1;
+    const upstreamPgid = upstream.child.pid ?? -1;
+    const groups = new Set([measuredPgid, upstreamPgid]);
+    const ticksBefore = groupTicks(groups);
     let captured: Awaited<ReturnType<typeof runCaptured>>;
     try {
       captured = await runCaptured(sup, `wrk ${t.name}`, cmd, args, (seconds + 20) * 1000, onStart);
@@ -481,14 +539,32 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
     } catch (err) {
       throw new BenchError(`${(err as Error).message}; wrk said:\n${stdout}${stderr}`);
     }
+    const ticksAfter = groupTicks(groups);
     for (const p of t.procs) if (p.exitInfo !== undefined) failProcess(p, `during ${label} of ${t.name}`);
     const cpu = before && after ? foreignCores(before, after, ncpu) : null;
-    const r: RunResult = { ...w, foreignCores: cpu?.foreign ?? null, benchCores: cpu?.ours ?? null };
+    const usedS = (pgid: number): number | null => {
+      const a = ticksBefore.get(pgid);
+      const b = ticksAfter.get(pgid);
+      return a === undefined || b === undefined ? null : (b - a) / clkTck;
+    };
+    const perReqUs = (sec: number | null): number | null => (sec === null || w.requests <= 0 ? null : (sec * 1e6) / w.requests);
+    const measuredS = usedS(measuredPgid);
+    const r: RunResult = {
+      ...w,
+      foreignCores: cpu?.foreign ?? null,
+      benchCores: cpu?.ours ?? null,
+      cpuUsPerReq: perReqUs(measuredS),
+      cpuCores: measuredS === null || w.elapsedS <= 0 ? null : measuredS / w.elapsedS,
+      upstreamUsPerReq: t.proxied ? perReqUs(usedS(upstreamPgid)) : null,
+      loadCpuBusy: before && after ? busyFraction(before.cpu, after.cpu) : null,
+    };
     const errs = errorCount(r);
     const other = r.foreignCores === null ? '' : `  other procs ${r.foreignCores.toFixed(2)} cores${r.foreignCores > DISTURBED_CORES ? ' (DISTURBED)' : ''}`;
+    const load = r.loadCpuBusy === null ? '' : `  load CPU ${(r.loadCpuBusy * 100).toFixed(0)}%`;
     log(
-      `${label} ${pad(t.name, 8)} ${fmt(r.rps, 0).padStart(7)} rps  p50 ${fmt(r.p50Ms, 3)} ms  p99 ${fmt(r.p99Ms, 3)} ms${other}${errs ? `  ERRORS ${errs} (non-2xx/3xx ${r.non2xx3xx})` : ''}`,
+      `${label} ${pad(t.name, 8)} ${fmt(r.rps, 0).padStart(7)} rps  p50 ${fmt(r.p50Ms, 3)} ms  p99 ${fmt(r.p99Ms, 3)} ms  ${fmt(r.cpuUsPerReq ?? Number.NaN, 2)} CPU µs/req (${fmt(r.cpuCores ?? Number.NaN, 2)} cores)${load}${other}${errs ? `  ERRORS ${errs} (non-2xx/3xx ${r.non2xx3xx})` : ''}`,
     );
+    sent.set(t.name, (sent.get(t.name) ?? 0) + r.requests);
     return r;
   };
 
@@ -510,6 +586,10 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
 
   // --- report ------------------------------------------------------------
   const stats = new Map<TargetName, Stats>();
+  /** Median of a per-run measure over the runs where it was measured (NaN if none). */
+  const medianOf = (rs: RunResult[], k: 'cpuUsPerReq' | 'cpuCores' | 'upstreamUsPerReq' | 'loadCpuBusy'): number =>
+    median(rs.map((x) => x[k]).filter((v): v is number => v !== null));
+  const proxiedNames = new Set(targets.filter((t) => t.proxied).map((t) => t.name));
   for (const [name, rs] of results) {
     const rpsList = rs.map((x) => x.rps);
     stats.set(name, {
@@ -523,6 +603,11 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
       non2xx3xx: rs.reduce((a, x) => a + x.non2xx3xx, 0),
       socketErrors: rs.reduce((a, x) => a + errorCount(x) - x.non2xx3xx, 0),
       disturbed: rs.filter((x) => (x.foreignCores ?? 0) > DISTURBED_CORES).length,
+      cpuUsPerReq: medianOf(rs, 'cpuUsPerReq'),
+      cpuCores: medianOf(rs, 'cpuCores'),
+      upstreamUsPerReq: medianOf(rs, 'upstreamUsPerReq'),
+      loadCpuBusy: medianOf(rs, 'loadCpuBusy'),
+      loadSaturated: rs.filter((x) => (x.loadCpuBusy ?? 0) > SATURATED_LOAD).length,
       rounds: rs,
     });
   }
@@ -531,10 +616,19 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
     const y = stats.get(b)?.rps;
     return x !== undefined && y !== undefined && y > 0 ? x / y : null;
   };
+  const cpuRatio = (a: TargetName, b: TargetName): number | null => {
+    const x = stats.get(a)?.cpuUsPerReq;
+    const y = stats.get(b)?.cpuUsPerReq;
+    return x !== undefined && y !== undefined && Number.isFinite(x) && Number.isFinite(y) && y > 0 ? x / y : null;
+  };
   const ratios = {
     'meshgate/nginx': ratio('meshgate', 'nginx'),
     'meshgate/direct': ratio('meshgate', 'direct'),
     'nginx/direct': ratio('nginx', 'direct'),
+    /** nginx's CPU µs/req over meshgate's: efficiency, same sense as meshgate/nginx rps (1.0 = parity). */
+    'nginx/meshgate cpuPerRequest': cpuRatio('nginx', 'meshgate'),
+    /** meshgate's CPU µs/req over nginx's: how many times more CPU meshgate spends per request. */
+    'meshgate/nginx cpuPerRequest': cpuRatio('meshgate', 'nginx'),
   };
   const totalErrors = [...stats.values()].reduce((a, s) => a + s.errors, 0);
   const totalWarmupErrors = Object.values(warmupErrors).reduce((a, n) => a + n, 0);
@@ -543,14 +637,15 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
   const cpuModel = cpus()[0]?.model ?? 'unknown';
   const machine = {
     node: process.version,
-    nproc: availableParallelism(),
+    nproc,
     cpus: cpus().length,
     cpuModel,
     kernel: release(),
     cpuBusyAtStart: busyAtStart,
     pinning: pin,
-    serverCpu: pin ? Number(serverCpu) : null,
-    clientCpu: pin ? Number(clientCpu) : null,
+    proxyCpu: pin ? Number(proxyCpu) : null,
+    loadCpu: pin ? Number(loadCpu) : null,
+    clkTck,
     upstream: nginx !== undefined ? 'nginx' : 'node:http',
     nginx: nginxVersion ?? null,
     wrk: wrkVersion ?? null,
@@ -564,27 +659,46 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
   );
   out.push(`upstream ${machine.upstream} · ${nginxVersion ?? 'nginx n/a'} · ${wrkVersion ?? 'wrk'}`);
   out.push(`pinning ${pinNote}`);
-  out.push(`wrk -t1 -c${connections} -d${duration}s · ${rounds} rounds (rotated order) after ${warmup} s warm-up · medians below`);
+  out.push(
+    `wrk -t1 -c${connections} -d${duration}s · ${rounds} rounds (rotated order) after ${warmup} s warm-up · access log ${accessLog ? 'ON (nginx: combined buffer=64k; meshgate: JSON lines; files in the temp dir)' : 'off'} · medians below`,
+  );
   out.push('');
-  const header = `${pad('target', 10)}${pad('rps', 10, true)}${pad('p50 ms', 10, true)}${pad('p99 ms', 10, true)}${pad('rps min..max', 20, true)}${pad('errors', 9, true)}`;
+  const loadCol = `CPU ${pin ? loadCpu : '?'} busy`;
+  const header = `${pad('target', 10)}${pad('rps', 10, true)}${pad('p50 ms', 10, true)}${pad('p99 ms', 10, true)}${pad('rps min..max', 20, true)}${pad('errors', 9, true)}${pad('CPU µs/req', 13, true)}${pad('CPU cores', 11, true)}${pad(loadCol, 13, true)}`;
   out.push(header);
   out.push('-'.repeat(header.length));
+  const pct = (v: number): string => (Number.isFinite(v) ? `${(v * 100).toFixed(0)}%` : 'n/a');
   for (const t of targets) {
     const s = stats.get(t.name);
     if (!s) continue;
     out.push(
-      `${pad(t.name, 10)}${pad(fmt(s.rps, 0), 10, true)}${pad(fmt(s.p50Ms, 3), 10, true)}${pad(fmt(s.p99Ms, 3), 10, true)}${pad(`${fmt(s.rpsMin, 0)}..${fmt(s.rpsMax, 0)}`, 20, true)}${pad(String(s.errors), 9, true)}`,
+      `${pad(t.name, 10)}${pad(fmt(s.rps, 0), 10, true)}${pad(fmt(s.p50Ms, 3), 10, true)}${pad(fmt(s.p99Ms, 3), 10, true)}${pad(`${fmt(s.rpsMin, 0)}..${fmt(s.rpsMax, 0)}`, 20, true)}${pad(String(s.errors), 9, true)}${pad(fmt(s.cpuUsPerReq, 2), 13, true)}${pad(fmt(s.cpuCores, 2), 11, true)}${pad(pct(s.loadCpuBusy), 13, true)}`,
     );
   }
   out.push('');
+  out.push('CPU µs/req, CPU cores: utime+stime from /proc of the process under test per completed request / per second:');
+  out.push('  nginx = proxy master+worker, meshgate = the node process (all threads), direct = the upstream itself.');
+  out.push(
+    pin
+      ? `  direct = what CPU ${loadCpu} (upstream + wrk together) can drive: a ceiling of the load side, not of a proxy.`
+      : '  direct = upstream and wrk unpinned, sharing the machine: a ceiling of the load side, not of a proxy.',
+  );
+  const upUs = [...proxiedNames].map((n) => `${n} ${fmt(stats.get(n)?.upstreamUsPerReq ?? Number.NaN, 2)}`).join(', ');
+  if (upUs !== '') out.push(`  upstream CPU µs/req during the proxied runs: ${upUs}`);
+  out.push('');
   const showRatio = (k: keyof typeof ratios, why: string): void => {
     const v = ratios[k];
-    out.push(`${pad(`${k} rps`, 22)}${v === null ? 'n/a' : v.toFixed(3)}${v === null ? `  (${why})` : ''}`);
+    out.push(`${pad(`${k} rps`, 24)}${v === null ? 'n/a' : v.toFixed(3)}${v === null ? `  (${why})` : ''}`);
   };
   const noNginx = nginx === undefined ? 'nginx not installed: apt-get install -y nginx-light' : 'nginx not in --targets';
   showRatio('meshgate/nginx', wantMeshgate ? noNginx : 'meshgate not in --targets');
   showRatio('meshgate/direct', 'needs meshgate and direct');
   showRatio('nginx/direct', noNginx);
+  const eff = ratios['nginx/meshgate cpuPerRequest'];
+  const more = ratios['meshgate/nginx cpuPerRequest'];
+  out.push(
+    `${pad('nginx/meshgate CPU/req', 24)}${eff === null || more === null ? 'n/a  (needs nginx and meshgate)' : `${eff.toFixed(3)}  (meshgate spends ${more.toFixed(2)}× nginx's CPU per request)`}`,
+  );
   out.push('');
   if (valid) {
     out.push(`valid: no socket errors and no non-2xx/3xx responses in ${rounds * targets.length} measured runs`);
@@ -605,11 +719,53 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
   if (noisy.length > 0) {
     out.push(`noisy: rps spread (max-min)/median over ${NOISY_SPREAD * 100}% for ${noisy.join(', ')}; rerun on a quiet machine or with more --rounds`);
   }
+  if (pin) {
+    const sat = [...stats].filter(([name, st]) => proxiedNames.has(name) && st.loadSaturated > 0);
+    const busyList = [...stats]
+      .filter(([name]) => proxiedNames.has(name))
+      .map(([name, st]) => `${name} ${pct(st.loadCpuBusy)}`)
+      .join(', ');
+    if (sat.length > 0) {
+      out.push(
+        `warning: load side saturated: CPU ${loadCpu} (upstream + wrk) over ${SATURATED_LOAD * 100}% busy in ${sat.map(([name, st]) => `${name} ${st.loadSaturated}/${st.rounds.length}`).join(', ')} runs` +
+          ` (median ${busyList}). There the load side, not the proxy, limits rps, so rps ratios understate the faster proxy; compare CPU µs/req.`,
+      );
+    } else if (busyList !== '') {
+      out.push(`load side: CPU ${loadCpu} (upstream + wrk) not saturated during the proxied runs (median busy ${busyList}); rps reflects the proxies.`);
+    }
+  }
   const disturbed = [...stats].filter(([, st]) => st.disturbed > 0).map(([name, st]) => `${name} ${st.disturbed}/${st.rounds.length}`);
   if (disturbed.length > 0) {
     out.push(
       `disturbed: other processes used > ${DISTURBED_CORES} cores during runs of ${disturbed.join(', ')}; the numbers are skewed, rerun on a quiet machine`,
     );
+  }
+
+  // With --access-log: did every request really get logged? (wrk does not count
+  // requests still in flight when it stops, so a few more lines than requests is normal.)
+  const accessLogLines: Record<string, { lines: number | null; requests: number }> = {};
+  if (accessLog) {
+    const countLines = (path: string): number | null => {
+      try {
+        const buf = readFileSync(path);
+        let n = 0;
+        for (let i = buf.indexOf(10); i !== -1; i = buf.indexOf(10, i + 1)) n++;
+        return n;
+      } catch {
+        return null;
+      }
+    };
+    const files: [TargetName, string][] = [
+      ['nginx', nginxAccessLog],
+      ['meshgate', meshgateAccessLog],
+    ];
+    for (const [name, path] of files) {
+      if (proxiedNames.has(name)) accessLogLines[name] = { lines: countLines(path), requests: sent.get(name) ?? 0 };
+    }
+    const desc = Object.entries(accessLogLines)
+      .map(([name, a]) => `${name} ${a.lines ?? 'no file'} lines for ${a.requests} requests`)
+      .join(', ');
+    out.push(`access log: ${desc} (wrk-completed, warm-up included; nginx may hold up to 64k unflushed)`);
   }
 
   if (meshgate !== undefined) {
@@ -623,10 +779,10 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
   }
 
   const json = {
-    schema: 'meshgate-bench/1',
+    schema: 'meshgate-bench/2',
     valid,
     machine,
-    config: { duration, rounds, connections, warmup, wrkThreads: 1, targets: targets.map((t) => t.name) },
+    config: { duration, rounds, connections, warmup, wrkThreads: 1, accessLog, targets: targets.map((t) => t.name) },
     results: Object.fromEntries(
       [...stats].map(([name, s]) => [
         name,
@@ -641,12 +797,18 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
           non2xx3xx: s.non2xx3xx,
           socketErrors: s.socketErrors,
           disturbedRuns: s.disturbed,
+          cpuUsPerReq: Number.isFinite(s.cpuUsPerReq) ? s.cpuUsPerReq : null,
+          cpuCores: Number.isFinite(s.cpuCores) ? s.cpuCores : null,
+          upstreamUsPerReq: Number.isFinite(s.upstreamUsPerReq) ? s.upstreamUsPerReq : null,
+          loadCpuBusy: Number.isFinite(s.loadCpuBusy) ? s.loadCpuBusy : null,
+          loadSaturatedRuns: s.loadSaturated,
           rounds: s.rounds,
         },
       ]),
     ),
     ratios,
     warmupErrors,
+    accessLogLines: accessLog ? accessLogLines : null,
     noisy,
     disturbed,
   };

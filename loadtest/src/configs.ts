@@ -45,8 +45,12 @@ export function nginxUpstreamConf(tmp: string, port: number): string {
   );
 }
 
-/** nginx reverse proxy with a keep-alive pool to the upstream. */
-export function nginxProxyConf(tmp: string, port: number, upstreamPort: number): string {
+/**
+ * nginx reverse proxy with a keep-alive pool to the upstream. With `accessLog`
+ * (a file path) it logs every request there, buffered as a production nginx
+ * usually is; otherwise access logging stays off.
+ */
+export function nginxProxyConf(tmp: string, port: number, upstreamPort: number, accessLog?: string): string {
   return nginxMain(
     tmp,
     'proxy',
@@ -57,7 +61,7 @@ export function nginxProxyConf(tmp: string, port: number, upstreamPort: number):
     }
     server {
         listen 127.0.0.1:${port};
-        location / {
+${accessLog === undefined ? '' : `        access_log ${accessLog} combined buffer=64k;\n`}        location / {
             proxy_pass http://bench_upstream;
             proxy_http_version 1.1;
             proxy_set_header Connection "";

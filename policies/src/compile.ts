@@ -51,11 +51,38 @@ export interface CompiledListener {
   readonly port: number;
   /** From Gateway server `bind`; undefined = the gateway's --bind-address. */
   readonly bind: string | undefined;
-  readonly protocol: 'HTTP' | 'HTTPS';
+  /** HTTP: HTTP/1.1. HTTPS: TLS with ALPN h2 or http/1.1. HTTP2: cleartext h2c (Gateway HTTP2 and GRPC). TCP, TLS: layer 4. */
+  readonly protocol: ListenerProtocol;
   readonly tls: readonly CompiledTls[];
+  /** HTTP-family listeners: virtual hosts by Host. */
   readonly routes: RouteTable;
+  /** TCP and TLS listeners: routes in order; TLS routes carry the SNI names they take. */
+  readonly l4Routes: readonly CompiledL4Route[];
   /** Gateways (`namespace/name`) that contribute servers to this listener. */
   readonly gateways: readonly string[];
+}
+
+export type ListenerProtocol = 'HTTP' | 'HTTPS' | 'HTTP2' | 'TCP' | 'TLS';
+
+export interface CompiledL4Route {
+  /** `<virtualservice>.tcp.<index>` or `<virtualservice>.tls.<index>`. */
+  readonly name: string;
+  readonly virtualService: string;
+  /** TLS routes: SNI patterns (exact, `*.suffix`); undefined for TCP routes. */
+  readonly sniHosts: readonly string[] | undefined;
+  readonly destinations: readonly { readonly cluster: string; readonly weight: number }[];
+  readonly totalWeight: number;
+}
+
+export interface OutlierSettings {
+  /** 0 = off. */
+  readonly consecutive5xx: number;
+  /** 0 = off. */
+  readonly consecutiveGateway: number;
+  readonly intervalMs: number;
+  readonly baseEjectionMs: number;
+  readonly maxEjectionPercent: number;
+  readonly minHealthPercent: number;
 }
 
 export interface RouteTable {
@@ -201,6 +228,8 @@ export interface CompiledCluster {
   readonly endpoints: readonly CompiledEndpoint[];
   readonly lb: LbPolicy;
   readonly pool: PoolSettings;
+  /** Passive health checking (DestinationRule outlierDetection); undefined = off. */
+  readonly outlier: OutlierSettings | undefined;
 }
 
 /** Outcome of compile: a config, or every error found. Warnings ride along in both. */
@@ -301,13 +330,14 @@ class Compiler {
     interface Slot {
       port: number;
       bind: string | undefined;
-      protocol: 'HTTP' | 'HTTPS';
+      protocol: ListenerProtocol;
       servers: { gw: R<'Gateway'>; server: GatewayServer; index: number }[];
     }
     const slots = new Map<string, Slot>();
     for (const gw of selected) {
       gw.spec.servers.forEach((server, index) => {
-        const protocol = server.port.protocol as 'HTTP' | 'HTTPS';
+        const declared = server.port.protocol;
+        const protocol: ListenerProtocol = declared === 'GRPC' ? 'HTTP2' : (declared as ListenerProtocol);
         const key = `${server.bind ?? ''}_${server.port.number}`;
         let slot = slots.get(key);
         if (slot === undefined) {
@@ -340,6 +370,7 @@ class Compiler {
     for (const [key, slot] of slots) {
       // domain → vhost builder
       const vhosts = new Map<string, { routes: CompiledRoute[][]; httpsRedirect: boolean }>();
+      const l4Routes: CompiledL4Route[] = [];
       const tls: CompiledTls[] = [];
       for (const { gw, server, index } of slot.servers) {
         const gwKey = `${gw.namespace}/${gw.name}`;
@@ -366,6 +397,13 @@ class Compiler {
         for (const vs of virtualServices) {
           const bound = (vs.spec.gateways ?? ['mesh']).some((g) => g !== 'mesh' && (g.includes('/') ? g : `${vs.namespace}/${g}`) === gwKey);
           if (!bound) continue;
+          if (slot.protocol === 'TCP' || slot.protocol === 'TLS') {
+            const overlaps = vs.spec.hosts.some((h) =>
+              serverHosts.some((sh) => sh.allows(vs.namespace) && hostIntersection(sh.host, normalizeHost(h)) !== undefined),
+            );
+            if (overlaps) for (const r of this.#l4Routes(vs, slot.protocol, gwKey, server.port.number)) if (!l4Routes.includes(r)) l4Routes.push(r);
+            continue;
+          }
           for (const vsHost of vs.spec.hosts) {
             const h = normalizeHost(vsHost);
             for (const sh of serverHosts) {
@@ -398,6 +436,7 @@ class Compiler {
         protocol: slot.protocol,
         tls,
         routes: { exact, wildcards, any },
+        l4Routes,
         gateways: [...new Set(slot.servers.map((s) => `${s.gw.namespace}/${s.gw.name}`))],
       });
     }
@@ -408,6 +447,41 @@ class Compiler {
     const abs = resolve(this.#opts.cwd ?? process.cwd(), dirname(r.source.file), file);
     if (!existsSync(abs)) this.#error(r, path, PolicyErrorCode.REFERENCE, `file ${file} does not exist (looked at ${abs})`);
     return abs;
+  }
+
+  readonly #l4Cache = new Map<string, CompiledL4Route[]>();
+
+  /** A VirtualService's tcp or tls routes as seen from one gateway server (port and gateways pre-evaluated). */
+  #l4Routes(vs: R<'VirtualService'>, protocol: 'TCP' | 'TLS', gwKey: string, port: number): CompiledL4Route[] {
+    const cacheKey = `${vs.ref}|${protocol}|${gwKey}|${port}`;
+    const cached = this.#l4Cache.get(cacheKey);
+    if (cached !== undefined) return cached;
+    const out: CompiledL4Route[] = [];
+    const kind = protocol === 'TCP' ? 'tcp' : 'tls';
+    const list = (protocol === 'TCP' ? vs.spec.tcp : vs.spec.tls) ?? [];
+    const applies = (m: { port?: number | undefined; gateways?: string[] | undefined }) =>
+      (m.port === undefined || m.port === port) &&
+      (m.gateways === undefined || m.gateways.some((g) => (g.includes('/') ? g : `${vs.namespace}/${g}`) === gwKey));
+    list.forEach((route, i) => {
+      const matches = (route.match ?? []) as { port?: number; gateways?: string[]; sniHosts?: string[] }[];
+      const live = matches.filter(applies);
+      if (matches.length > 0 && live.length === 0) return;
+      const sniHosts = protocol === 'TLS' ? live.flatMap((m) => (m.sniHosts ?? []).map(normalizeHost)) : undefined;
+      const destinations = route.route.map((d, j) => ({
+        cluster: this.#cluster(vs, d.destination, ['spec', kind, i, 'route', j, 'destination']),
+        weight: route.route.length === 1 ? (d.weight ?? 100) || 100 : (d.weight ?? 0),
+      }));
+      const weighted = destinations.filter((d) => d.weight > 0);
+      out.push({
+        name: `${vs.name}.${kind}.${i}`,
+        virtualService: vs.ref,
+        sniHosts,
+        destinations: weighted,
+        totalWeight: weighted.reduce((a, d) => a + d.weight, 0),
+      });
+    });
+    this.#l4Cache.set(cacheKey, out);
+    return out;
   }
 
   readonly #routeCache = new Map<string, CompiledRoute[]>();
@@ -571,6 +645,18 @@ class Compiler {
       maxRetries: cp?.http?.maxRetries ?? DEFAULT_POOL.maxRetries,
     };
     const se = entry.se;
+    const od = policy?.outlierDetection;
+    const outlier: OutlierSettings | undefined =
+      od === undefined
+        ? undefined
+        : {
+            consecutive5xx: od.consecutive5xxErrors ?? od.consecutiveErrors ?? 5,
+            consecutiveGateway: od.consecutiveGatewayErrors ?? 0,
+            intervalMs: od.interval ?? 10_000,
+            baseEjectionMs: od.baseEjectionTime ?? 30_000,
+            maxEjectionPercent: od.maxEjectionPercent ?? 10,
+            minHealthPercent: od.minHealthPercent ?? 0,
+          };
     this.clusters.set(name, {
       name,
       host,
@@ -583,6 +669,7 @@ class Compiler {
       endpoints,
       lb,
       pool,
+      outlier,
     });
     return name;
   }

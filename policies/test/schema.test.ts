@@ -147,7 +147,7 @@ describe('JSON Schema for editors', () => {
 
   test('unsupported fields are marked so an editor flags them', () => {
     const vs = (schema.$defs as Record<string, Schema>).VirtualService as { properties: Record<string, Schema> };
-    for (const f of ['exportTo', 'tcp', 'tls']) {
+    for (const f of ['exportTo']) {
       assert.deepEqual(vs.properties[f]?.not, {}, f);
       assert.match(String(vs.properties[f]?.description), /^Not supported by meshgate: /);
       assert.equal(vs.properties[f]?.unsupported, undefined, 'the zod meta key is not leaked');

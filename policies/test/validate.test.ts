@@ -102,18 +102,27 @@ describe('validation: one invalid input, one exact diagnostic', () => {
     assert.equal(r.diagnostics.length, 1);
   });
 
-  test('unsupported Istio field spec.tcp', () => {
+  test('unsupported Istio field spec.tcp[0].match[0].sourceLabels', () => {
     const r = loadPolicyText(
       'tcp.yaml',
       vs(`  hosts: [a.example.com]
   tcp:
-  - route: []
+  - match:
+    - sourceLabels: {app: x}
+    route: [{destination: {host: x}}]
 `),
     );
-    expectDiag(r.diagnostics, { code: PolicyErrorCode.UNSUPPORTED_FIELD, file: 'tcp.yaml', line: 8, col: 3, resource: VS, path: 'spec.tcp' });
+    expectDiag(r.diagnostics, {
+      code: PolicyErrorCode.UNSUPPORTED_FIELD,
+      file: 'tcp.yaml',
+      line: 10,
+      col: 7,
+      resource: VS,
+      path: 'spec.tcp[0].match[0].sourceLabels',
+    });
   });
 
-  test('bad enum and unsupported outlierDetection in one DestinationRule', () => {
+  test('bad enum and unsupported outlierDetection.splitExternalLocalOriginErrors in one DestinationRule', () => {
     const r = loadPolicyText(
       'dr.yaml',
       `apiVersion: networking.istio.io/v1
@@ -126,7 +135,7 @@ spec:
     loadBalancer:
       simple: FASTEST
     outlierDetection:
-      consecutive5xxErrors: 1
+      splitExternalLocalOriginErrors: true
 `,
     );
     expectDiag(r.diagnostics, {
@@ -141,10 +150,10 @@ spec:
     expectDiag(r.diagnostics, {
       code: PolicyErrorCode.UNSUPPORTED_FIELD,
       file: 'dr.yaml',
-      line: 10,
-      col: 5,
+      line: 11,
+      col: 7,
       resource: 'DestinationRule/default/d',
-      path: 'spec.trafficPolicy.outlierDetection',
+      path: 'spec.trafficPolicy.outlierDetection.splitExternalLocalOriginErrors',
     });
     assert.equal(r.diagnostics.length, 2);
   });

@@ -9,7 +9,7 @@ import { Snapshot } from '../engine/snapshot.ts';
 import { Telemetry } from '../engine/telemetry.ts';
 import { PoolRegistry } from '../engine/upstream.ts';
 import { startAdmin, startMetrics } from './admin.ts';
-import { ListenerManager } from './listeners.ts';
+import { DEFAULT_HTTP2_LIMITS, type Http2Limits, ListenerManager } from './listeners.ts';
 
 export interface GatewayOptions {
   /** Policy folders or files (several allowed). */
@@ -34,6 +34,8 @@ export interface GatewayOptions {
   readonly registry?: Registry;
   /** Random source for weights, faults, mirroring and load balancing. */
   readonly random?: () => number;
+  /** HTTP/2 limits for downstream sessions (defaults: DEFAULT_HTTP2_LIMITS). */
+  readonly http2?: Partial<Http2Limits>;
   /** Workload name and namespace used as source_* metric labels. */
   readonly workload?: string;
   readonly namespace?: string;
@@ -80,7 +82,11 @@ export class Gateway {
       onError: (err, x) => this.logger.error({ err, request_id: x.requestId }, 'unexpected error while handling a request'),
       ...(opts.random === undefined ? {} : { random: opts.random }),
     });
-    this.#listeners = new ListenerManager(this.engine, { bindAddress: opts.bindAddress ?? '0.0.0.0', portMap: opts.portMap ?? new Map() });
+    this.#listeners = new ListenerManager(this.engine, {
+      bindAddress: opts.bindAddress ?? '0.0.0.0',
+      portMap: opts.portMap ?? new Map(),
+      http2: { ...DEFAULT_HTTP2_LIMITS, ...opts.http2 },
+    });
   }
 
   /** Loads the configuration and starts serving. Rejects (GW_ERR_INVALID_CONFIG) when the initial config is invalid. */

@@ -38,7 +38,8 @@ function connectionTokens(v: string | string[] | undefined): string[] | undefine
 export function upstreamRequestHeaders(h: IncomingHttpHeaders): Record<string, string | string[]> {
   const out: Record<string, string | string[]> = {};
   for (const k in h) {
-    if (HOP_BY_HOP.has(k)) continue;
+    // HTTP/2 pseudo-headers (:method, :path, :authority, :scheme) are rebuilt by the upstream client.
+    if (HOP_BY_HOP.has(k) || k.charCodeAt(0) === 58 /* : */) continue;
     const v = h[k];
     if (v !== undefined) out[k] = v;
   }

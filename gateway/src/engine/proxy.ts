@@ -1,6 +1,6 @@
 import type { IncomingMessage, OutgoingHttpHeaders, ServerResponse } from 'node:http';
 import { performance } from 'node:perf_hooks';
-import { Readable } from 'node:stream';
+import { type Duplex, Readable } from 'node:stream';
 import type { Dispatcher } from 'undici';
 import { Details, type DetailsName, type LocalReply } from './details.ts';
 import { Exchange } from './exchange.ts';
@@ -11,6 +11,7 @@ import { RandomHex } from './random.ts';
 import { findRuntimeVirtualHost, type RuntimeDestination, type RuntimeRoute, type Snapshot } from './snapshot.ts';
 import type { MetricSlot, Telemetry } from './telemetry.ts';
 import type { RuntimeCluster, RuntimeEndpoint } from './upstream.ts';
+import { handleUpgrade } from './websocket.ts';
 
 /** What the engine needs from the world; all injected (STYLE: no module-level singletons). */
 export interface EngineDeps {
@@ -119,7 +120,8 @@ export class Engine {
     const h = x.headers;
     const rid = h['x-request-id'];
     x.requestId = validRequestId(rid) ? rid : this.#hex.uuid();
-    const authority = h.host;
+    // HTTP/2 carries the authority in a pseudo-header; HTTP/1.1 in Host.
+    const authority = (h[':authority'] as string | undefined) ?? h.host;
     if (authority === undefined || authority === '') return this.reply(x, { status: 400, details: 'invalid_request' });
     x.authority = authority;
     x.host = hostOnly(authority);
@@ -289,6 +291,11 @@ export class Engine {
     }
   }
 
+  /** An HTTP/1.1 Upgrade request (WebSocket): matched on the same route table, then relayed. */
+  upgrade(listenerName: string, scheme: 'http' | 'https', req: IncomingMessage, socket: Duplex, head: Buffer): void {
+    handleUpgrade(this, listenerName, scheme, req, socket, head);
+  }
+
   /** Sends a local reply (Envoy: sendLocalReply). Safe to call once per request. */
   reply(x: Exchange, r: LocalReply): void {
     x.status = r.status;
@@ -387,6 +394,8 @@ class UpstreamCall implements Dispatcher.DispatchHandler {
   #controller: Dispatcher.DispatchController | undefined;
   #tryTimer: NodeJS.Timeout | undefined;
   #endpoint: RuntimeEndpoint | undefined;
+  /** The endpoint of the latest attempt (kept after it ends, for outcome reporting). */
+  #lastEndpoint: RuntimeEndpoint | undefined;
   /** This attempt's response is being thrown away because it will be retried. */
   #discard = false;
   #paused = false;
@@ -428,6 +437,7 @@ class UpstreamCall implements Dispatcher.DispatchHandler {
     const ep = cluster.pick(x.random, hashKey);
     if (ep === undefined) return this.#fail({ status: 503, details: 'no_healthy_upstream' });
     this.#endpoint = ep;
+    this.#lastEndpoint = ep;
     x.endpoint = ep;
     x.attempts++;
     if (x.upstreamStart === 0) x.upstreamStart = performance.now();
@@ -469,6 +479,7 @@ class UpstreamCall implements Dispatcher.DispatchHandler {
     if (statusCode < 200) return; // 1xx: informational, not forwarded
     const x = this.#x;
     x.upstreamEnd = performance.now();
+    if (this.#endpoint !== undefined) this.#cluster.reportOutcome(this.#endpoint, statusCode);
     if (this.#canRetry() && this.#retriableStatus(statusCode, headers)) {
       this.#discard = true; // read and drop the body so the connection stays reusable, then retry
       return;
@@ -539,6 +550,8 @@ class UpstreamCall implements Dispatcher.DispatchHandler {
       failure = { status: 503, details: 'upstream_reset' };
       retriable = retry.on5xx || retry.onGatewayError || retry.onReset;
     }
+    // Local-origin failures count as gateway errors for outlier detection (Envoy, unsplit).
+    if (this.#lastEndpoint !== undefined) this.#cluster.reportOutcome(this.#lastEndpoint, failure.status);
     if (retriable && this.#canRetry()) return this.#retry();
     if (retriable && x.attempts > 1) x.extraFlags += x.extraFlags === '' ? 'URX' : ',URX';
     this.#fail(failure);

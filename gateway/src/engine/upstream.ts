@@ -162,6 +162,12 @@ export class RuntimeCluster {
     }
   }
 
+  /**
+   * The outcome of one attempt to an endpoint: the response status, or 503/504 for connect
+   * failures, resets and timeouts. Feeds outlier detection.
+   */
+  reportOutcome(_ep: RuntimeEndpoint, _status: number): void {}
+
   release(pools: PoolRegistry): void {
     for (const e of this.endpoints) pools.release(e.poolKey);
   }

@@ -1,7 +1,8 @@
 import * as z from 'zod';
 import { duration, headerName, hostName, percent, port, presenceOrStringMatch, protocol, regex, stringMatch, unsupported } from './common.ts';
 
-const ISSUE_PROTOCOLS = 'arrives with the protocols work (HTTP/2, gRPC, TCP, TLS passthrough)';
+const ISSUE_PROTOCOLS = 'not implemented by meshgate';
+const GATEWAY_PROTOCOLS = new Set(['HTTP', 'HTTPS', 'HTTP2', 'GRPC', 'TCP', 'TLS']);
 const ISSUE_EGRESS = 'arrives with the egress gateway work';
 const ISSUE_MESH = 'arrives with the mesh-agent work';
 const NO_EXPORT = 'meshgate has one configuration scope; remove exportTo';
@@ -13,7 +14,7 @@ export const gatewayServer = z
   .strictObject({
     port: z.strictObject({
       number: port.describe('Port the listener binds (see --port-map to remap, as a Service maps to a targetPort).'),
-      protocol: protocol.describe('HTTP or HTTPS today; HTTP2, GRPC, TCP and TLS arrive with the protocols work.'),
+      protocol: protocol.describe('HTTP (HTTP/1.1), HTTPS (TLS, ALPN h2 or http/1.1), HTTP2 or GRPC (cleartext h2c), TCP, TLS (SNI passthrough).'),
       name: z.string().optional(),
       targetPort: unsupported('deprecated in Istio; use --port-map'),
     }),
@@ -26,7 +27,7 @@ export const gatewayServer = z
         mode: z
           .enum(['SIMPLE', 'PASSTHROUGH', 'MUTUAL', 'AUTO_PASSTHROUGH', 'ISTIO_MUTUAL', 'OPTIONAL_MUTUAL'])
           .optional()
-          .describe('SIMPLE (the default): terminate TLS with serverCertificate/privateKey.'),
+          .describe('SIMPLE (default on HTTPS): terminate TLS with serverCertificate/privateKey. PASSTHROUGH (default on TLS): route by SNI, never decrypt.'),
         httpsRedirect: z.boolean().optional().describe('On an HTTP server: answer every request with 301 to https.'),
         serverCertificate: z.string().optional().describe('PEM certificate chain file; relative paths resolve from the YAML file.'),
         privateKey: z.string().optional().describe('PEM private key file; relative paths resolve from the YAML file.'),
@@ -48,21 +49,38 @@ export const gatewayServer = z
   })
   .superRefine((s, ctx) => {
     const p = s.port.protocol;
-    if (p !== 'HTTP' && p !== 'HTTPS') {
-      ctx.addIssue({ code: 'custom', path: ['port', 'protocol'], message: `protocol ${p} on a gateway server ${ISSUE_PROTOCOLS}; use HTTP or HTTPS` });
+    if (!GATEWAY_PROTOCOLS.has(p)) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['port', 'protocol'],
+        message: `protocol ${p} is not served by meshgate gateways (use HTTP, HTTPS, HTTP2, GRPC, TCP or TLS)`,
+      });
     }
-    const mode = s.tls?.mode ?? 'SIMPLE';
+    const mode = s.tls?.mode ?? (p === 'TLS' ? 'PASSTHROUGH' : 'SIMPLE');
     if (p === 'HTTPS') {
       if (s.tls === undefined) ctx.addIssue({ code: 'custom', path: ['tls'], message: 'an HTTPS server needs tls with serverCertificate and privateKey' });
       else {
-        if (mode !== 'SIMPLE') ctx.addIssue({ code: 'custom', path: ['tls', 'mode'], message: `tls mode ${mode} is not supported yet; use SIMPLE` });
+        if (mode !== 'SIMPLE')
+          ctx.addIssue({ code: 'custom', path: ['tls', 'mode'], message: `tls mode ${mode} is not supported on HTTPS servers; use SIMPLE` });
         if (s.tls.serverCertificate === undefined)
           ctx.addIssue({ code: 'custom', path: ['tls', 'serverCertificate'], message: 'required for tls mode SIMPLE' });
         if (s.tls.privateKey === undefined) ctx.addIssue({ code: 'custom', path: ['tls', 'privateKey'], message: 'required for tls mode SIMPLE' });
       }
+    } else if (p === 'TLS') {
+      if (mode !== 'PASSTHROUGH')
+        ctx.addIssue({
+          code: 'custom',
+          path: ['tls', 'mode'],
+          message: `tls mode ${mode} is not supported on TLS servers; use PASSTHROUGH (TLS is routed by SNI, never decrypted)`,
+        });
+      if (s.tls?.serverCertificate !== undefined || s.tls?.privateKey !== undefined) {
+        ctx.addIssue({ code: 'custom', path: ['tls'], message: 'a PASSTHROUGH server holds no certificate: the upstream terminates TLS' });
+      }
     } else if (s.tls !== undefined && (s.tls.serverCertificate !== undefined || s.tls.privateKey !== undefined || s.tls.mode !== undefined)) {
-      ctx.addIssue({ code: 'custom', path: ['tls'], message: `tls settings other than httpsRedirect need protocol HTTPS (this server is ${p})` });
+      ctx.addIssue({ code: 'custom', path: ['tls'], message: `tls settings other than httpsRedirect need protocol HTTPS or TLS (this server is ${p})` });
     }
+    if (s.tls?.httpsRedirect === true && p !== 'HTTP')
+      ctx.addIssue({ code: 'custom', path: ['tls', 'httpsRedirect'], message: 'httpsRedirect applies to HTTP servers only' });
   });
 
 export const gatewaySpec = z.strictObject({
@@ -255,12 +273,58 @@ export const httpRoute = z
   });
 export type HttpRoute = z.output<typeof httpRoute>;
 
+const l4Destination = z.strictObject({
+  destination,
+  weight: z.int().min(0).optional().describe('Relative share of connections.'),
+});
+const l4Destinations = z
+  .array(l4Destination)
+  .min(1)
+  .superRefine((ds, ctx) => {
+    if (ds.length > 1 && ds.every((d) => (d.weight ?? 0) === 0))
+      ctx.addIssue({ code: 'custom', message: 'with several destinations, at least one needs a weight above 0' });
+  });
+
+export const tcpRoute = z.strictObject({
+  match: z
+    .array(
+      z.strictObject({
+        port: port.optional().describe('The gateway port the connection arrived on.'),
+        gateways: z.array(z.string()).optional(),
+        destinationSubnets: unsupported('subnet matching'),
+        sourceLabels: unsupported(ISSUE_MESH),
+        sourceNamespace: unsupported(ISSUE_MESH),
+        sourceSubnet: unsupported('subnet matching'),
+      }),
+    )
+    .optional(),
+  route: l4Destinations,
+});
+export type TcpRoute = z.output<typeof tcpRoute>;
+
+export const tlsRoute = z.strictObject({
+  match: z
+    .array(
+      z.strictObject({
+        sniHosts: z.array(hostName).min(1).describe('SNI names (exact or *.suffix) this route takes.'),
+        port: port.optional(),
+        gateways: z.array(z.string()).optional(),
+        destinationSubnets: unsupported('subnet matching'),
+        sourceLabels: unsupported(ISSUE_MESH),
+        sourceNamespace: unsupported(ISSUE_MESH),
+      }),
+    )
+    .min(1),
+  route: l4Destinations,
+});
+export type TlsRoute = z.output<typeof tlsRoute>;
+
 export const virtualServiceSpec = z.strictObject({
   hosts: z.array(hostName).min(1).describe('Hosts (Host/authority) this VirtualService routes.'),
   gateways: z.array(z.string().min(1)).optional().describe('Gateways ("name" or "namespace/name") and/or "mesh"; default "mesh" only.'),
   http: z.array(httpRoute).optional(),
-  tcp: unsupported(ISSUE_PROTOCOLS),
-  tls: unsupported(ISSUE_PROTOCOLS),
+  tcp: z.array(tcpRoute).optional().describe('Routes for TCP servers: first route whose match applies wins.'),
+  tls: z.array(tlsRoute).optional().describe('Routes for TLS (PASSTHROUGH) servers by SNI.'),
   exportTo: unsupported(NO_EXPORT),
 });
 export type VirtualServiceSpec = z.output<typeof virtualServiceSpec>;
@@ -330,7 +394,23 @@ export const trafficPolicy = z.strictObject({
         .optional(),
     })
     .optional(),
-  outlierDetection: unsupported(ISSUE_PROTOCOLS),
+  outlierDetection: z
+    .strictObject({
+      consecutive5xxErrors: z.int().min(0).optional().describe('Eject a host after this many consecutive 5xx (and connect failures); 0 disables. Default 5.'),
+      consecutiveGatewayErrors: z
+        .int()
+        .min(0)
+        .optional()
+        .describe('Eject after this many consecutive 502/503/504 (and connect failures); 0 disables (default).'),
+      consecutiveErrors: z.int().min(0).optional().describe('Deprecated alias of consecutive5xxErrors.'),
+      interval: duration.optional().describe('How often ejections are reviewed and expired. Default 10s.'),
+      baseEjectionTime: duration.optional().describe('Ejection time, multiplied by the number of times the host was ejected. Default 30s.'),
+      maxEjectionPercent: z.int().min(0).max(100).optional().describe('Most hosts of the cluster ejected at once. Default 10 (at least one host).'),
+      minHealthPercent: z.int().min(0).max(100).optional().describe('Below this share of healthy hosts, ejection is off. Default 0.'),
+      consecutiveLocalOriginFailures: unsupported('split local-origin failures'),
+      splitExternalLocalOriginErrors: unsupported('split local-origin failures'),
+    })
+    .optional(),
   tls: unsupported(ISSUE_EGRESS),
   portLevelSettings: unsupported('per-port traffic policies'),
   proxyProtocol: unsupported('PROXY protocol'),
