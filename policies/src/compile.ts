@@ -654,7 +654,8 @@ class Compiler {
             consecutiveGateway: od.consecutiveGatewayErrors ?? 0,
             intervalMs: od.interval ?? 10_000,
             baseEjectionMs: od.baseEjectionTime ?? 30_000,
-            maxEjectionPercent: od.maxEjectionPercent ?? 10,
+            // Istio treats 0 as unset (Envoy's default, 10 %).
+            maxEjectionPercent: od.maxEjectionPercent || 10,
             minHealthPercent: od.minHealthPercent ?? 0,
           };
     this.clusters.set(name, {

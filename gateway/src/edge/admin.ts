@@ -69,7 +69,7 @@ export async function startAdmin(host: string, port: number, state: AdminState):
       name: c.config.name,
       lb: c.config.lb.kind,
       active_requests: c.active,
-      endpoints: c.endpoints.map((e) => ({ address: e.hostPort, active_requests: e.active })),
+      endpoints: c.endpoints.map((e) => ({ address: e.hostPort, active_requests: e.active, ejected: e.ejected })),
     }));
   });
   await app.listen({ host, port });

@@ -1,14 +1,31 @@
-import type { CompiledCluster, CompiledEndpoint, PoolSettings } from '@meshgate/policies';
+import { performance } from 'node:perf_hooks';
+import type { CompiledCluster, CompiledEndpoint, OutlierSettings, PoolSettings } from '@meshgate/policies';
 import { Pool } from 'undici';
+import { OutlierDetector, type OutlierHost } from './outlier.ts';
 import type { MetricSlot, Telemetry } from './telemetry.ts';
+
+export interface PoolRegistryOptions {
+  /** Monotonic clock in milliseconds for outlier detection. Default performance.now. */
+  readonly now?: () => number;
+}
 
 /**
  * Upstream connection pools, shared by every snapshot that points at the same endpoint with the same
  * pool settings, so a config reload keeps its warm keep-alive connections. A pool is closed when the
  * last snapshot holding it is retired and drained.
+ *
+ * Outlier detectors are shared the same way, by (cluster name, outlier settings, endpoint list): a
+ * reload that leaves a cluster alone keeps its ejections; one that changes the cluster's endpoints
+ * or outlierDetection starts it afresh (as Envoy does when a cluster's definition changes).
  */
 export class PoolRegistry {
   readonly #pools = new Map<string, { pool: Pool; refs: number }>();
+  readonly #detectors = new Map<string, { detector: OutlierDetector; refs: number }>();
+  readonly #now: () => number;
+
+  constructor(opts: PoolRegistryOptions = {}) {
+    this.#now = opts.now ?? (() => performance.now());
+  }
 
   acquire(origin: string, settings: PoolSettings): { key: string; pool: Pool } {
     const key = `${origin}|${settings.maxConnections}|${settings.connectTimeoutMs}|${settings.idleTimeoutMs}|${settings.maxRequestsPerConnection}`;
@@ -44,7 +61,37 @@ export class PoolRegistry {
     return this.#pools.size;
   }
 
+  /** The outlier detector of a cluster with these endpoints; its interval timer runs while it is held. */
+  acquireOutlier(cluster: string, settings: OutlierSettings, hostPorts: readonly string[]): { key: string; detector: OutlierDetector } {
+    const s = settings;
+    const key = `${cluster}|${s.consecutive5xx}|${s.consecutiveGateway}|${s.intervalMs}|${s.baseEjectionMs}|${s.maxEjectionPercent}|${s.minHealthPercent}|${hostPorts.join(',')}`;
+    let entry = this.#detectors.get(key);
+    if (entry === undefined) {
+      const detector = new OutlierDetector(settings, hostPorts.length, this.#now);
+      detector.start();
+      entry = { detector, refs: 0 };
+      this.#detectors.set(key, entry);
+    }
+    entry.refs++;
+    return { key, detector: entry.detector };
+  }
+
+  releaseOutlier(key: string): void {
+    const entry = this.#detectors.get(key);
+    if (entry === undefined) return;
+    if (--entry.refs > 0) return;
+    this.#detectors.delete(key);
+    entry.detector.stop();
+  }
+
+  /** Outlier detectors alive (each with one interval timer). */
+  get outlierDetectors(): number {
+    return this.#detectors.size;
+  }
+
   async closeAll(): Promise<void> {
+    for (const e of this.#detectors.values()) e.detector.stop();
+    this.#detectors.clear();
     const all = [...this.#pools.values()];
     this.#pools.clear();
     await Promise.all(all.map((e) => e.pool.destroy()));
@@ -64,6 +111,8 @@ export class RuntimeEndpoint {
   active = 0;
   /** Rendezvous-hash seed for consistent hashing. */
   readonly seed: number;
+  /** Passive health, when the cluster has outlier detection. */
+  outlier: OutlierHost | undefined;
 
   constructor(ep: CompiledEndpoint, pool: { key: string; pool: Pool }, metrics: MetricSlot) {
     this.address = ep.address;
@@ -74,6 +123,11 @@ export class RuntimeEndpoint {
     this.poolKey = pool.key;
     this.metrics = metrics;
     this.seed = fnv1a(this.hostPort);
+  }
+
+  /** Ejected by outlier detection (skipped by the load balancer unless the cluster is in panic). */
+  get ejected(): boolean {
+    return this.outlier?.ejected ?? false;
   }
 }
 
@@ -90,6 +144,11 @@ export class RuntimeCluster {
   readonly #limit: number;
   readonly #rr: readonly RuntimeEndpoint[];
   #next = 0;
+  readonly #outlier: OutlierDetector | undefined;
+  readonly #outlierKey: string | undefined;
+  /** `#rr` without the ejected endpoints, valid while `#healthyVersion` equals the detector's version. */
+  #healthyRr: readonly RuntimeEndpoint[] = [];
+  #healthyVersion = -1;
 
   constructor(config: CompiledCluster, pools: PoolRegistry, telemetry: Telemetry) {
     this.config = config;
@@ -118,6 +177,23 @@ export class RuntimeCluster {
       });
     }
     this.#rr = rr;
+    if (config.outlier !== undefined && this.endpoints.length > 0) {
+      const { key, detector } = pools.acquireOutlier(
+        config.name,
+        config.outlier,
+        this.endpoints.map((e) => e.hostPort),
+      );
+      this.#outlierKey = key;
+      this.#outlier = detector;
+      this.endpoints.forEach((e, i) => {
+        e.outlier = detector.hosts[i];
+      });
+    }
+  }
+
+  /** The cluster's outlier detector; undefined without outlierDetection. */
+  get outlier(): OutlierDetector | undefined {
+    return this.#outlier;
   }
 
   /** True when a new request would exceed the cluster's connection-pool limits (→ 503 upstream_overflow). */
@@ -126,25 +202,48 @@ export class RuntimeCluster {
   }
 
   /** Picks an endpoint for a request; `hashKey` is set for consistent-hash clusters. */
+  /**
+   * Picks an endpoint for a request; `hashKey` is set for consistent-hash clusters. Ejected endpoints
+   * are skipped by every policy unless the cluster is in panic; undefined when there is none to pick
+   * (→ 503 no_healthy_upstream).
+   */
   pick(random: () => number, hashKey: string | undefined): RuntimeEndpoint | undefined {
+    const od = this.#outlier;
+    const skip = od !== undefined && od.ejectedCount > 0 && !od.panic;
     const eps = this.endpoints;
-    if (eps.length <= 1) return eps[0];
+    if (eps.length <= 1) return skip ? undefined : eps[0];
+    let rr = this.#rr;
+    if (skip) {
+      if (this.#healthyVersion !== od.version) {
+        this.#healthyRr = rr.filter((e) => !e.ejected);
+        this.#healthyVersion = od.version;
+      }
+      rr = this.#healthyRr;
+      if (rr.length === 0) return undefined;
+    }
     const lb = this.config.lb;
     switch (lb.kind) {
       case 'ROUND_ROBIN': {
-        const e = this.#rr[this.#next % this.#rr.length];
-        this.#next = (this.#next + 1) % this.#rr.length;
-        return e;
+        // Walk the full weighted ring, so the rotation keeps its place when hosts come and go.
+        const all = this.#rr;
+        for (let i = 0; i < all.length; i++) {
+          const e = all[this.#next] as RuntimeEndpoint;
+          this.#next = (this.#next + 1) % all.length;
+          if (!skip || !e.ejected) return e;
+        }
+        return undefined;
       }
       case 'RANDOM':
-        return this.#rr[Math.floor(random() * this.#rr.length)];
+        return rr[Math.floor(random() * rr.length)];
       case 'HASH': {
-        if (hashKey === undefined) return this.#rr[Math.floor(random() * this.#rr.length)];
-        // Rendezvous (highest random weight) hashing: stable, and only 1/n of keys move when a host goes.
+        if (hashKey === undefined) return rr[Math.floor(random() * rr.length)];
+        // Rendezvous (highest random weight) hashing: stable, and only 1/n of keys move when a host
+        // goes — an ejected host's keys move to their next-best host and come back with it.
         const h = fnv1a(hashKey);
         let best: RuntimeEndpoint | undefined;
         let bestScore = -1;
         for (const e of eps) {
+          if (skip && e.ejected) continue;
           const score = mix(h ^ e.seed);
           if (score > bestScore) {
             bestScore = score;
@@ -155,8 +254,8 @@ export class RuntimeCluster {
       }
       default: {
         // LEAST_REQUEST: power of two random choices (Envoy's default choice_count of 2).
-        const a = this.#rr[Math.floor(random() * this.#rr.length)] as RuntimeEndpoint;
-        const b = this.#rr[Math.floor(random() * this.#rr.length)] as RuntimeEndpoint;
+        const a = rr[Math.floor(random() * rr.length)] as RuntimeEndpoint;
+        const b = rr[Math.floor(random() * rr.length)] as RuntimeEndpoint;
         return b.active < a.active ? b : a;
       }
     }
@@ -166,10 +265,13 @@ export class RuntimeCluster {
    * The outcome of one attempt to an endpoint: the response status, or 503/504 for connect
    * failures, resets and timeouts. Feeds outlier detection.
    */
-  reportOutcome(_ep: RuntimeEndpoint, _status: number): void {}
+  reportOutcome(ep: RuntimeEndpoint, status: number): void {
+    if (ep.outlier !== undefined) this.#outlier?.report(ep.outlier, status);
+  }
 
   release(pools: PoolRegistry): void {
     for (const e of this.endpoints) pools.release(e.poolKey);
+    if (this.#outlierKey !== undefined) pools.releaseOutlier(this.#outlierKey);
   }
 }
 

@@ -405,8 +405,18 @@ export const trafficPolicy = z.strictObject({
       consecutiveErrors: z.int().min(0).optional().describe('Deprecated alias of consecutive5xxErrors.'),
       interval: duration.optional().describe('How often ejections are reviewed and expired. Default 10s.'),
       baseEjectionTime: duration.optional().describe('Ejection time, multiplied by the number of times the host was ejected. Default 30s.'),
-      maxEjectionPercent: z.int().min(0).max(100).optional().describe('Most hosts of the cluster ejected at once. Default 10 (at least one host).'),
-      minHealthPercent: z.int().min(0).max(100).optional().describe('Below this share of healthy hosts, ejection is off. Default 0.'),
+      maxEjectionPercent: z
+        .int()
+        .min(0)
+        .max(100)
+        .optional()
+        .describe('Most hosts of the cluster ejected at once, strictly: (ejected + 1) / hosts must stay within it (Envoy). Default 10; 0 means the default.'),
+      minHealthPercent: z
+        .int()
+        .min(0)
+        .max(100)
+        .optional()
+        .describe('Below this share of healthy hosts every host gets traffic (panic mode); 0 (default) turns panic off.'),
       consecutiveLocalOriginFailures: unsupported('split local-origin failures'),
       splitExternalLocalOriginErrors: unsupported('split local-origin failures'),
     })
