@@ -9,11 +9,13 @@ import {
   type Server,
   type ServerResponse,
 } from 'node:http';
-import type { AddressInfo, Socket } from 'node:net';
+import { type AddressInfo, createServer as createNetServer, connect as netConnect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { performance } from 'node:perf_hooks';
 import { after, before } from 'node:test';
 import pino from 'pino';
+import { WebSocket, WebSocketServer } from 'ws';
 import { type Gateway, type GatewayOptions, startGateway } from '../src/edge/gateway.ts';
 import type { AccessLogRecord } from '../src/engine/proxy.ts';
 
@@ -397,4 +399,234 @@ export function counterValue(text: string, metric: string, labels: Readonly<Reco
     if (Object.entries(labels).every(([k, v]) => have.get(k) === v)) sum += Number(line.slice(close + 1).trim());
   }
   return sum;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Layer 4: raw TCP upstreams and their policies
+
+export interface TcpUpstream {
+  readonly name: string;
+  readonly port: number;
+  /** Connections accepted so far. */
+  readonly accepted: number;
+  /** Connections open now. */
+  readonly open: number;
+  close(): Promise<void>;
+}
+
+/**
+ * A net server on 127.0.0.1:0 (allowHalfOpen) handing each connection to `onConnection`; default:
+ * echo every byte, and on the client's EOF write `[<name>]` and end (so a client that half-closes
+ * still gets an answer, and sees which upstream it reached). A socket error never throws.
+ */
+export async function startTcpUpstream(name: string, onConnection?: (socket: Socket, n: number) => void): Promise<TcpUpstream> {
+  const sockets = new Set<Socket>();
+  let accepted = 0;
+  const echo = (s: Socket) => {
+    s.on('data', (c: Buffer) => {
+      if (!s.write(c)) s.pause();
+    });
+    s.on('drain', () => s.resume());
+    s.on('end', () => s.end(`[${name}]`));
+  };
+  const server = createNetServer({ allowHalfOpen: true }, (s: Socket) => {
+    accepted++;
+    sockets.add(s);
+    s.on('error', () => {});
+    s.once('close', () => sockets.delete(s));
+    (onConnection ?? echo)(s, accepted);
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const port = (server.address() as AddressInfo).port;
+  return {
+    name,
+    port,
+    get accepted() {
+      return accepted;
+    },
+    get open() {
+      return sockets.size;
+    },
+    async close() {
+      for (const s of sockets) s.destroy();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    },
+  };
+}
+
+/** A STATIC ServiceEntry for host `<name>.svc`, port `servicePort` (protocol TCP), one endpoint per upstream port. */
+export function tcpServiceEntryYaml(name: string, servicePort: number, endpointPorts: readonly number[], protocol = 'TCP'): string {
+  const eps = endpointPorts.map((p) => `  - address: 127.0.0.1\n    ports: {tcp: ${p}}`).join('\n');
+  return `apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: ${name}
+spec:
+  hosts: [${name}.svc]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports:
+  - number: ${servicePort}
+    name: tcp
+    protocol: ${protocol}
+  endpoints:
+${eps}
+`;
+}
+
+/** A Gateway `edge` with one server per port, each of `protocol` (TCP or TLS passthrough) for `hosts`. */
+export function l4GatewayYaml(protocol: 'TCP' | 'TLS', ports: readonly number[], hosts: readonly string[] = ['*']): string {
+  const servers = ports
+    .map(
+      (p) =>
+        `  - port: {number: ${p}, name: ${protocol.toLowerCase()}-${p}, protocol: ${protocol}}\n    hosts: [${hosts.map((h) => JSON.stringify(h)).join(', ')}]` +
+        (protocol === 'TLS' ? '\n    tls: {mode: PASSTHROUGH}' : ''),
+    )
+    .join('\n');
+  return `apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata:
+  name: edge
+spec:
+  selector:
+    istio: ingressgateway
+  servers:
+${servers}
+`;
+}
+
+export interface TcpExchange {
+  /** Everything the client received until the connection closed. */
+  readonly data: Buffer;
+  /** The error the client socket saw, if any (ECONNRESET for a propagated reset). */
+  readonly error: NodeJS.ErrnoException | undefined;
+}
+
+/**
+ * Connects to 127.0.0.1:port, writes `send` (if any), half-closes (unless `end` is false) and
+ * collects what comes back until the socket closes. Bounded by `timeoutMs`.
+ */
+export function tcpExchange(port: number, send: string | Buffer | undefined, o: { end?: boolean; timeoutMs?: number } = {}): Promise<TcpExchange> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let error: NodeJS.ErrnoException | undefined;
+    const s = netConnect({ host: '127.0.0.1', port, allowHalfOpen: true });
+    const t = setTimeout(() => {
+      s.destroy();
+      reject(new Error(`tcpExchange to ${port}: no close within ${o.timeoutMs ?? 5000} ms`));
+    }, o.timeoutMs ?? 5000);
+    s.on('data', (c: Buffer) => chunks.push(c));
+    s.on('error', (err: NodeJS.ErrnoException) => {
+      error = err;
+    });
+    s.on('end', () => s.end());
+    s.once('close', () => {
+      clearTimeout(t);
+      resolve({ data: Buffer.concat(chunks), error });
+    });
+    s.once('connect', () => {
+      if (send !== undefined) s.write(send);
+      if (o.end !== false) s.end();
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// WebSocket peers
+
+/** What one side of a WebSocket saw: messages, pings, pongs and how it closed. */
+export interface WsPeer {
+  readonly ws: WebSocket;
+  readonly messages: { readonly data: Buffer; readonly binary: boolean }[];
+  readonly pings: Buffer[];
+  readonly pongs: Buffer[];
+  /** Set when the socket closed: the code and reason received, and performance.now() then. */
+  closed: { readonly code: number; readonly reason: string; readonly at: number } | undefined;
+}
+
+export function wsPeer(ws: WebSocket): WsPeer {
+  const p: WsPeer = { ws, messages: [], pings: [], pongs: [], closed: undefined };
+  ws.on('message', (data: Buffer, binary: boolean) => p.messages.push({ data, binary }));
+  ws.on('ping', (d: Buffer) => p.pings.push(d));
+  ws.on('pong', (d: Buffer) => p.pongs.push(d));
+  ws.on('error', () => {});
+  ws.on('close', (code: number, reason: Buffer) => {
+    p.closed = { code, reason: reason.toString('utf8'), at: performance.now() };
+  });
+  return p;
+}
+
+export interface WsUpstream {
+  readonly port: number;
+  /** Handshake requests that reached the upstream, in order. */
+  readonly handshakes: IncomingMessage[];
+  /** Server-side peers, in order. */
+  readonly peers: WsPeer[];
+  close(): Promise<void>;
+}
+
+/** A WebSocket echo server on 127.0.0.1:0. It picks the *last* subprotocol offered (so a pass-through is visible). */
+export async function startWsUpstream(): Promise<WsUpstream> {
+  const handshakes: IncomingMessage[] = [];
+  const peers: WsPeer[] = [];
+  const wss = new WebSocketServer({
+    host: '127.0.0.1',
+    port: 0,
+    perMessageDeflate: false,
+    handleProtocols: (offered) => [...offered].at(-1) ?? false,
+  });
+  wss.on('connection', (ws, req) => {
+    handshakes.push(req);
+    const p = wsPeer(ws);
+    peers.push(p);
+    ws.on('message', (data: Buffer, binary: boolean) => {
+      if (ws.readyState === WebSocket.OPEN) ws.send(data, { binary });
+    });
+  });
+  await new Promise<void>((resolve) => wss.once('listening', resolve));
+  return {
+    port: (wss.address() as AddressInfo).port,
+    handshakes,
+    peers,
+    async close() {
+      for (const c of wss.clients) c.terminate();
+      await new Promise<void>((resolve) => wss.close(() => resolve()));
+    },
+  };
+}
+
+export interface WsConnectOptions {
+  readonly path?: string;
+  readonly host: string;
+  readonly protocols?: readonly string[];
+  readonly headers?: Readonly<Record<string, string>>;
+}
+
+/** Opens a WebSocket to the gateway: the peer once open, or the HTTP status it was refused with. */
+export function wsConnect(port: number, o: WsConnectOptions): Promise<{ readonly peer: WsPeer } | { readonly status: number; readonly body: string }> {
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(`ws://127.0.0.1:${port}${o.path ?? '/'}`, [...(o.protocols ?? [])], {
+      headers: { host: o.host, ...o.headers },
+      perMessageDeflate: false,
+      handshakeTimeout: 5000,
+    });
+    const peer = wsPeer(ws);
+    ws.once('open', () => resolve({ peer }));
+    ws.once('unexpected-response', (req, res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('end', () => {
+        req.destroy();
+        resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks).toString('utf8') });
+      });
+    });
+    ws.once('error', reject);
+  });
+}
+
+/** wsConnect that must succeed. */
+export async function wsOpen(port: number, o: WsConnectOptions): Promise<WsPeer> {
+  const r = await wsConnect(port, o);
+  if (!('peer' in r)) throw new Error(`expected a WebSocket, got HTTP ${r.status} ${r.body}`);
+  return r.peer;
 }

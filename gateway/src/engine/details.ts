@@ -21,8 +21,51 @@ export const Details = {
   invalid_request: { flag: 'DPE' },
   downstream_disconnect: { flag: 'DC' },
   internal_error: { flag: '-' },
+  // Connection-level outcomes (TCP/TLS listeners, WebSockets).
+  /** No bytes either way for the idle timeout (Envoy's tcp_proxy sets no flag for it). */
+  idle_timeout: { flag: '-' },
+  /** The listener is not in the active snapshot (it is being removed). */
+  listener_draining: { flag: 'NR' },
+  /** TLS passthrough: the ClientHello carries no server_name. */
+  sni_not_found: { flag: 'NR' },
+  /** TLS passthrough: the first bytes are not a well-formed ClientHello, or it exceeds the bound. */
+  client_hello_invalid: { flag: 'DPE' },
+  /** TLS passthrough: the ClientHello did not arrive in time. */
+  client_hello_timeout: { flag: 'DPE' },
+  upstream_connect_timeout: { flag: 'UF' },
+  /** The client reset the connection mid-relay; the upstream is reset too. */
+  downstream_reset: { flag: 'DC' },
+  websocket_origin_not_allowed: { flag: '-' },
+  websocket_invalid_handshake: { flag: 'DPE' },
 } as const satisfies Record<string, { flag: string }>;
 export type DetailsName = keyof typeof Details;
+
+/** Bodies of local replies, in Envoy's words where Envoy has them. */
+export const LOCAL_BODIES: Partial<Record<DetailsName, string>> = {
+  cluster_not_found: 'no healthy upstream',
+  no_healthy_upstream: 'no healthy upstream',
+  upstream_overflow: 'upstream connect error or disconnect/reset before headers. reset reason: overflow',
+  upstream_connect_failure: 'upstream connect error or disconnect/reset before headers. reset reason: connection failure',
+  upstream_reset: 'upstream connect error or disconnect/reset before headers. reset reason: connection termination',
+  upstream_timeout: 'upstream request timeout',
+  upstream_per_try_timeout: 'upstream request timeout',
+  invalid_request: 'Bad Request',
+  internal_error: 'Internal Server Error',
+  websocket_origin_not_allowed: 'origin not allowed',
+  listener_draining: 'listener draining',
+};
+
+/** Error codes that mean the upstream connection was never made (Envoy: connect failure, flag UF). */
+export const CONNECT_FAILURE_CODES: ReadonlySet<string> = new Set([
+  'ECONNREFUSED',
+  'ENOTFOUND',
+  'EAI_AGAIN',
+  'EHOSTUNREACH',
+  'ENETUNREACH',
+  'UND_ERR_CONNECT_TIMEOUT',
+  'ECONNABORTED',
+  'ETIMEDOUT',
+]);
 
 /** A response the gateway makes itself. Filters return it instead of throwing. */
 export interface LocalReply {

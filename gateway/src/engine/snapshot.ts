@@ -1,11 +1,19 @@
 import { readFileSync } from 'node:fs';
 import { createSecureContext, type SecureContext } from 'node:tls';
-import type { CompiledConfig, CompiledListener, CompiledRoute, HeaderMutation, VirtualHost } from '@meshgate/policies';
+import {
+  type CompiledConfig,
+  type CompiledL4Route,
+  type CompiledListener,
+  type CompiledRoute,
+  type HeaderMutation,
+  hostCovers,
+  type VirtualHost,
+} from '@meshgate/policies';
 import { GatewayError, GatewayErrorCode } from './details.ts';
 import type { HttpFilter } from './filter.ts';
 import { corsFilter } from './filters/cors.ts';
 import { faultFilter } from './filters/fault.ts';
-import type { Telemetry } from './telemetry.ts';
+import type { TcpSlot, Telemetry } from './telemetry.ts';
 import { type PoolRegistry, RuntimeCluster } from './upstream.ts';
 
 export interface RuntimeDestination {
@@ -28,6 +36,42 @@ export interface RuntimeRoute {
   readonly replayBody: boolean;
 }
 
+/**
+ * A cluster as TCP and TLS-passthrough listeners use it: the shared RuntimeCluster plus the open
+ * relay count that enforces `connectionPool.tcp.maxConnections` (Envoy's cluster max_connections
+ * circuit breaker). One per cluster per snapshot, as the HTTP limits are.
+ */
+export class L4ClusterState {
+  readonly name: string;
+  readonly cluster: RuntimeCluster | undefined;
+  /** Relays open through this cluster (pinned to this snapshot). */
+  connections = 0;
+  readonly maxConnections: number;
+  /** Metrics for connections that got no endpoint; endpoint ones use `endpoint.metrics.tcp`. */
+  readonly metrics: TcpSlot;
+
+  constructor(name: string, cluster: RuntimeCluster | undefined, noDestination: TcpSlot) {
+    this.name = name;
+    this.cluster = cluster;
+    this.maxConnections = cluster?.config.pool.maxConnections ?? 0;
+    this.metrics = cluster?.metrics.tcp ?? noDestination;
+  }
+}
+
+export interface RuntimeL4Destination {
+  readonly state: L4ClusterState;
+  /** Upper bound of this destination's share in [0, totalWeight). */
+  readonly cumulative: number;
+}
+
+export interface RuntimeL4Route {
+  readonly config: CompiledL4Route;
+  /** TLS routes: SNI patterns; undefined for TCP routes (they take every connection). */
+  readonly sniHosts: readonly string[] | undefined;
+  readonly destinations: readonly RuntimeL4Destination[];
+  readonly totalWeight: number;
+}
+
 export interface RuntimeVirtualHost {
   readonly config: VirtualHost;
   readonly routes: readonly RuntimeRoute[];
@@ -40,6 +84,8 @@ export interface RuntimeListener {
   readonly any: RuntimeVirtualHost | undefined;
   /** HTTPS: SNI → certificate. */
   readonly tls: SniTable | undefined;
+  /** TCP and TLS listeners: routes in order, first that applies wins. Empty for HTTP listeners. */
+  readonly l4Routes: readonly RuntimeL4Route[];
 }
 
 export interface SniTable {
@@ -67,6 +113,8 @@ export class Snapshot {
   readonly createdAt = new Date();
   readonly listeners: ReadonlyMap<string, RuntimeListener>;
   readonly clusters: ReadonlyMap<string, RuntimeCluster>;
+  /** TCP metrics of connections that reached no destination (no route, no SNI, unknown cluster). */
+  readonly tcpNoDestination: TcpSlot;
   #inflight = 0;
   #retired = false;
   #onDrained: (() => void) | undefined;
@@ -79,6 +127,7 @@ export class Snapshot {
     const clusters = new Map<string, RuntimeCluster>();
     for (const [name, c] of config.clusters) clusters.set(name, new RuntimeCluster(c, deps.pools, deps.telemetry));
     this.clusters = clusters;
+    this.tcpNoDestination = deps.telemetry.slot(undefined).tcp;
     try {
       const routeCache = new Map<CompiledRoute, RuntimeRoute>();
       const runtimeRoute = (r: CompiledRoute): RuntimeRoute => {
@@ -90,6 +139,15 @@ export class Snapshot {
         return rr;
       };
       const vh = (v: VirtualHost): RuntimeVirtualHost => ({ config: v, routes: v.routes.map(runtimeRoute) });
+      const l4States = new Map<string, L4ClusterState>();
+      const l4State = (name: string): L4ClusterState => {
+        let st = l4States.get(name);
+        if (st === undefined) {
+          st = new L4ClusterState(name, clusters.get(name), this.tcpNoDestination);
+          l4States.set(name, st);
+        }
+        return st;
+      };
       const listeners = new Map<string, RuntimeListener>();
       for (const l of config.listeners) {
         listeners.set(l.name, {
@@ -98,6 +156,7 @@ export class Snapshot {
           wildcards: l.routes.wildcards.map((w) => ({ suffix: w.suffix, vhost: vh(w.vhost) })),
           any: l.routes.any === undefined ? undefined : vh(l.routes.any),
           tls: l.protocol === 'HTTPS' ? sniTable(l) : undefined,
+          l4Routes: l.l4Routes.map((r) => buildL4Route(r, l4State)),
         });
       }
       this.listeners = listeners;
@@ -163,6 +222,34 @@ function buildRoute(r: CompiledRoute, clusters: ReadonlyMap<string, RuntimeClust
   }
   const mirrors = r.mirrors.map((m) => ({ cluster: clusters.get(m.cluster), fraction: m.fraction }));
   return { config: r, filters, destinations, totalWeight, mirrors, replayBody: r.retry.attempts > 0 || mirrors.length > 0 };
+}
+
+function buildL4Route(r: CompiledL4Route, state: (cluster: string) => L4ClusterState): RuntimeL4Route {
+  let cumulative = 0;
+  const destinations = r.destinations.map((d) => {
+    cumulative += d.weight;
+    return { state: state(d.cluster), cumulative };
+  });
+  return { config: r, sniHosts: r.sniHosts, destinations, totalWeight: r.totalWeight };
+}
+
+/**
+ * The route for a connection: TCP listeners take their first route; TLS listeners the first route
+ * with an SNI pattern (exact or `*.suffix`) covering the ClientHello's server name.
+ */
+export function findL4Route(l: RuntimeListener, serverName: string | undefined): RuntimeL4Route | undefined {
+  for (const r of l.l4Routes) {
+    if (r.sniHosts === undefined) return r;
+    if (serverName !== undefined && r.sniHosts.some((p) => hostCovers(p, serverName))) return r;
+  }
+  return undefined;
+}
+
+/** A weighted pick: `u` uniform in [0, 1). */
+export function pickL4Destination(r: RuntimeL4Route, u: number): RuntimeL4Destination | undefined {
+  const x = u * r.totalWeight;
+  for (const d of r.destinations) if (x < d.cumulative) return d;
+  return r.destinations[r.destinations.length - 1];
 }
 
 function sniTable(l: CompiledListener): SniTable {

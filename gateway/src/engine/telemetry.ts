@@ -75,6 +75,45 @@ function observe(h: HistogramData, buckets: readonly number[], v: number): void 
   h.sum += v;
 }
 
+/** The labels of Istio's TCP metrics: the HTTP ones without response_code and grpc_response_status. */
+type TcpLabels = Omit<Labels, 'response_code' | 'grpc_response_status'>;
+
+/** One TCP label set's counters, as plain numbers: incremented per connection and per chunk. */
+export interface TcpSeries {
+  readonly labels: TcpLabels;
+  opened: number;
+  closed: number;
+  /** Bytes sent to the downstream client (Istio: istio_tcp_sent_bytes_total). */
+  sent: number;
+  /** Bytes received from the downstream client (Istio: istio_tcp_received_bytes_total). */
+  received: number;
+}
+
+/**
+ * The TCP counters of one destination, one series per response-flags value, created on first use
+ * and reused: a relay resolves its series once at accept and adds plain numbers per chunk.
+ */
+export class TcpSlot {
+  readonly #telemetry: Telemetry;
+  readonly #base: Omit<TcpLabels, 'response_flags'>;
+  readonly #series = new Map<string, TcpSeries>();
+
+  constructor(telemetry: Telemetry, base: Omit<TcpLabels, 'response_flags'>) {
+    this.#telemetry = telemetry;
+    this.#base = base;
+  }
+
+  /** The series for a response-flags value (`-` when none). */
+  series(flags: string): TcpSeries {
+    let s = this.#series.get(flags);
+    if (s === undefined) {
+      s = this.#telemetry.tcpSeries({ ...this.#base, response_flags: flags });
+      this.#series.set(flags, s);
+    }
+    return s;
+  }
+}
+
 /**
  * The labels of one destination, with one series per (response code, flags) pair created once and
  * then reused: recording a request is a map lookup and a few array increments. (prom-client's
@@ -84,10 +123,20 @@ export class MetricSlot {
   readonly #telemetry: Telemetry;
   readonly #base: Omit<Labels, 'response_code' | 'response_flags'>;
   readonly #series = new Map<string | number, Series>();
+  #tcp: TcpSlot | undefined;
 
   constructor(telemetry: Telemetry, base: Omit<Labels, 'response_code' | 'response_flags'>) {
     this.#telemetry = telemetry;
     this.#base = base;
+  }
+
+  /** The same destination's TCP counters (request_protocol "tcp"), created on first use. */
+  get tcp(): TcpSlot {
+    if (this.#tcp === undefined) {
+      const { grpc_response_status: _grpc, ...rest } = this.#base;
+      this.#tcp = new TcpSlot(this.#telemetry, { ...rest, request_protocol: 'tcp' });
+    }
+    return this.#tcp;
   }
 
   record(code: number, flags: string, durationMs: number, requestBytes: number, responseBytes: number): void {
@@ -133,6 +182,7 @@ export class Telemetry {
   readonly source: SourceIdentity;
   readonly reloads: Counter<'result'>;
   readonly #series: Series[] = [];
+  readonly #tcpSeries: TcpSeries[] = [];
   readonly #slots = new Map<string, MetricSlot>();
 
   constructor(registry: Registry, source: SourceIdentity) {
@@ -161,6 +211,13 @@ export class Telemetry {
         histogramValues('istio_response_bytes', all, (s) => s.responseBytes, BYTES_BUCKETS),
       ),
     );
+    const tcp = this.#tcpSeries;
+    const tcpCounter = (name: string, help: string, value: (s: TcpSeries) => number) =>
+      register(metric(name, help, 'counter', () => tcp.map((s) => ({ labels: s.labels, value: value(s) }))));
+    tcpCounter('istio_tcp_connections_opened_total', 'TCP connections opened, by source, destination and flags.', (s) => s.opened);
+    tcpCounter('istio_tcp_connections_closed_total', 'TCP connections closed, by source, destination and flags.', (s) => s.closed);
+    tcpCounter('istio_tcp_sent_bytes_total', 'Bytes sent to the downstream client on TCP connections.', (s) => s.sent);
+    tcpCounter('istio_tcp_received_bytes_total', 'Bytes received from the downstream client on TCP connections.', (s) => s.received);
     this.reloads = new Counter({
       name: 'meshgate_config_reloads_total',
       help: 'Configuration reloads by result: applied, rejected, unchanged.',
@@ -179,6 +236,13 @@ export class Telemetry {
       responseBytes: histogramData(BYTES_BUCKETS),
     };
     this.#series.push(s);
+    return s;
+  }
+
+  /** @internal a new TCP series, exported from the next scrape on. */
+  tcpSeries(labels: TcpLabels): TcpSeries {
+    const s: TcpSeries = { labels, opened: 0, closed: 0, sent: 0, received: 0 };
+    this.#tcpSeries.push(s);
     return s;
   }
 
