@@ -1,5 +1,6 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { MatchInput } from '@meshgate/policies';
+import type { RequestBody } from './body.ts';
 import type { DetailsName } from './details.ts';
 import type { RuntimeListener, RuntimeRoute, RuntimeVirtualHost, Snapshot } from './snapshot.ts';
 import type { RuntimeCluster, RuntimeEndpoint } from './upstream.ts';
@@ -20,6 +21,9 @@ export class Exchange implements MatchInput {
   readonly startEpoch: number;
   readonly method: string;
   readonly headers: IncomingMessage['headers'];
+  /** Peer address (IPv4-mapped IPv6 as IPv4) and port, read at accept. */
+  readonly remoteAddress: string;
+  readonly remotePort: number;
   requestId = '';
   authority = '';
   /** Host without port, lower case. */
@@ -38,11 +42,17 @@ export class Exchange implements MatchInput {
   /** Flags beyond the one implied by details (DI for an injected delay, URX...). */
   extraFlags = '';
   bytesReceived = 0;
+  /** The request body on its way upstream, when there is one. */
+  body: RequestBody | undefined;
   bytesSent = 0;
   attempts = 0;
   /** performance.now() when the first upstream attempt started, and when headers came back. */
   upstreamStart = 0;
   upstreamEnd = 0;
+  /** The request is a gRPC call (content-type application/grpc*): local replies become gRPC errors. */
+  grpc = false;
+  /** grpc-status of the response, from upstream headers/trailers or a local reply ('' when none). */
+  grpcStatus = '';
   /** Set by the CORS filter when the response must carry CORS headers for this origin. */
   corsOrigin: string | undefined;
   /** The engine's random source (injected: tests make percentages deterministic). */
@@ -71,5 +81,8 @@ export class Exchange implements MatchInput {
     this.startEpoch = Date.now();
     this.method = req.method ?? 'GET';
     this.headers = req.headers;
+    const a = req.socket?.remoteAddress ?? '';
+    this.remoteAddress = a.startsWith('::ffff:') ? a.slice(7) : a;
+    this.remotePort = req.socket?.remotePort ?? 0;
   }
 }

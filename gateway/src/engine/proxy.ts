@@ -1,17 +1,20 @@
 import type { IncomingMessage, OutgoingHttpHeaders, ServerResponse } from 'node:http';
+import type { ServerHttp2Stream } from 'node:http2';
 import { performance } from 'node:perf_hooks';
-import { type Duplex, Readable } from 'node:stream';
+import type { Duplex } from 'node:stream';
 import type { Dispatcher } from 'undici';
-import { Details, type DetailsName, type LocalReply } from './details.ts';
+import { RequestBody } from './body.ts';
+import { CONNECT_FAILURE_CODES, Details, LOCAL_BODIES, type LocalReply } from './details.ts';
 import { Exchange } from './exchange.ts';
 import type { HttpFilter } from './filter.ts';
+import { type H2Client, H2Clients, type UpstreamController, type UpstreamHandler, UpstreamStreamReset } from './h2pool.ts';
 import { applyMutation, downstreamResponseHeaders, nextTraceparent, upstreamRequestHeaders, validRequestId } from './headers.ts';
 import { normalizePath } from './path.ts';
 import { RandomHex } from './random.ts';
 import { findRuntimeVirtualHost, type RuntimeDestination, type RuntimeRoute, type Snapshot } from './snapshot.ts';
 import type { MetricSlot, Telemetry } from './telemetry.ts';
 import type { RuntimeCluster, RuntimeEndpoint } from './upstream.ts';
-import { handleUpgrade } from './websocket.ts';
+import { type UpgradeTarget, type WebSocketOptions, WebSocketProxy } from './websocket.ts';
 
 /** What the engine needs from the world; all injected (STYLE: no module-level singletons). */
 export interface EngineDeps {
@@ -24,6 +27,8 @@ export interface EngineDeps {
   readonly random?: () => number;
   /** Largest request body buffered so that retries and mirrors can replay it. Default 1 MiB. */
   readonly maxReplayBytes?: number;
+  /** WebSocket limits; unset fields take DEFAULT_WEBSOCKET_OPTIONS. */
+  readonly websocket?: Partial<WebSocketOptions>;
 }
 
 export interface AccessLogRecord {
@@ -50,19 +55,6 @@ export interface AccessLogRecord {
   readonly config_version: string;
 }
 
-const LOCAL_BODIES: Partial<Record<DetailsName, string>> = {
-  cluster_not_found: 'no healthy upstream',
-  no_healthy_upstream: 'no healthy upstream',
-  upstream_overflow: 'upstream connect error or disconnect/reset before headers. reset reason: overflow',
-  upstream_connect_failure: 'upstream connect error or disconnect/reset before headers. reset reason: connection failure',
-  upstream_reset: 'upstream connect error or disconnect/reset before headers. reset reason: connection termination',
-  upstream_timeout: 'upstream request timeout',
-  upstream_per_try_timeout: 'upstream request timeout',
-  invalid_request: 'Bad Request',
-  internal_error: 'Internal Server Error',
-};
-
-const CONNECT_FAILURE = new Set(['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'UND_ERR_CONNECT_TIMEOUT', 'ECONNABORTED']);
 const TIMEOUT = new Set(['UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT']);
 const BACKOFF_BASE_MS = 25;
 const BACKOFF_MAX_MS = 250;
@@ -89,15 +81,27 @@ export class Engine {
   readonly #hex = new RandomHex();
   readonly #noDestination: MetricSlot;
   readonly #maxReplay: number;
+  /** Open WebSockets (HTTP/1.1 upgrades): drained on reload when their route goes, closed on shutdown. */
+  readonly websockets: WebSocketProxy;
+  readonly #h2 = new H2Clients();
 
   constructor(deps: EngineDeps) {
     this.#deps = deps;
     this.#random = deps.random ?? Math.random;
     this.#noDestination = deps.telemetry.slot(undefined);
     this.#maxReplay = deps.maxReplayBytes ?? 1024 * 1024;
+    this.websockets = new WebSocketProxy(this, {
+      telemetry: deps.telemetry,
+      accessLog: deps.accessLog,
+      noDestination: this.#noDestination,
+      random: this.#random,
+      options: deps.websocket,
+      onError: deps.onError,
+    });
   }
 
   handle(listenerName: string, scheme: 'http' | 'https', req: IncomingMessage, res: ServerResponse): void {
+    // (HTTP/2: the session's socket is gone by the log phase, so the peer is read at accept.)
     const start = performance.now();
     const snap = this.snapshot;
     const listener = snap?.listeners.get(listenerName);
@@ -117,54 +121,9 @@ export class Engine {
   }
 
   #begin(x: Exchange): void {
-    const h = x.headers;
-    const rid = h['x-request-id'];
-    x.requestId = validRequestId(rid) ? rid : this.#hex.uuid();
-    // HTTP/2 carries the authority in a pseudo-header; HTTP/1.1 in Host.
-    const authority = (h[':authority'] as string | undefined) ?? h.host;
-    if (authority === undefined || authority === '') return this.reply(x, { status: 400, details: 'invalid_request' });
-    x.authority = authority;
-    x.host = hostOnly(authority);
-    let url = x.req.url ?? '/';
-    if (url.charCodeAt(0) !== 47 /* / */) {
-      // RFC 9112 §3.2.2: a server accepts the absolute form; its authority is the target host.
-      const abs = absoluteForm(url);
-      if (abs === undefined) return this.reply(x, { status: 400, details: 'invalid_request' });
-      url = abs;
-    }
-    const q = url.indexOf('?');
-    const raw = q < 0 ? url : url.slice(0, q);
-    const path = normalizePath(raw);
-    if (path === undefined) return this.reply(x, { status: 400, details: 'invalid_request' });
-    x.path = path;
-    x.query = q < 0 ? '' : url.slice(q + 1);
-    x.pathWithQuery = q < 0 ? path : path + url.slice(q);
-
-    const vhost = findRuntimeVirtualHost(x.listener, x.host);
-    if (vhost === undefined) return this.reply(x, { status: 404, details: 'route_not_found' });
-    x.vhost = vhost;
-    if (vhost.config.httpsRedirect) {
-      return this.reply(x, { status: 301, details: 'https_redirect', headers: { location: `https://${x.host}${x.pathWithQuery}` } });
-    }
-    const routes = vhost.routes;
-    for (let i = 0; i < routes.length; i++) {
-      const r = routes[i] as RuntimeRoute;
-      const ms = r.config.matches;
-      if (ms.length === 0) {
-        x.route = r;
-        break;
-      }
-      for (let j = 0; j < ms.length; j++) {
-        if ((ms[j] as (typeof ms)[number]).test(x)) {
-          x.route = r;
-          x.matchIndex = j;
-          break;
-        }
-      }
-      if (x.route !== undefined) break;
-    }
-    if (x.route === undefined) return this.reply(x, { status: 404, details: 'route_not_found' });
-    this.#runFilters(x, x.route.filters, 0);
+    const denied = this.matchRoute(x);
+    if (denied !== undefined) return this.reply(x, denied);
+    this.#runFilters(x, (x.route as RuntimeRoute).filters, 0);
   }
 
   #runFilters(x: Exchange, filters: readonly HttpFilter[], from: number): void {
@@ -188,94 +147,38 @@ export class Engine {
   }
 
   #router(x: Exchange): void {
-    const r = x.route as RuntimeRoute;
-    const action = r.config.action;
-    if (action.kind === 'direct') {
-      return this.reply(x, { status: action.status, details: 'direct_response', ...(action.body === undefined ? {} : { body: action.body }) });
-    }
-    if (action.kind === 'redirect') {
-      return this.reply(x, { status: action.code, details: 'redirect', headers: { location: redirectLocation(x, action) } });
-    }
-    let dest = r.destinations[0];
-    if (r.destinations.length > 1) {
-      const p = x.random() * r.totalWeight;
-      for (const d of r.destinations) {
-        if (p < d.cumulative) {
-          dest = d;
-          break;
-        }
-      }
-    }
-    const cluster = dest?.cluster;
-    if (dest === undefined || cluster === undefined) return this.reply(x, { status: 503, details: 'cluster_not_found' });
-    x.cluster = cluster;
-    if (cluster.endpoints.length === 0) return this.reply(x, { status: 503, details: 'no_healthy_upstream' });
-    if (cluster.overflowing) return this.reply(x, { status: 503, details: 'upstream_overflow' });
-
+    const t = this.upstreamTarget(x);
+    if ('status' in t) return this.reply(x, t);
     const h = x.headers;
-    const headers = upstreamRequestHeaders(h);
-    const cfg = r.config;
-    headers.host = cfg.rewrite?.authority ?? x.authority;
-    headers['x-forwarded-for'] = clientAddress(x.req);
-    headers['x-forwarded-proto'] = x.scheme;
-    headers['x-forwarded-host'] = x.authority;
-    headers['x-request-id'] = x.requestId;
-    headers.traceparent = nextTraceparent(h.traceparent, (n) => this.#hex.hex(n));
-    applyMutation(headers, cfg.requestHeaders);
-    applyMutation(headers, dest.requestHeaders);
-    const path = rewritePath(x, r);
-
     const cl = h['content-length'];
-    const hasBody = cl !== undefined ? cl !== '0' : h['transfer-encoding'] !== undefined;
     if (cl !== undefined) x.bytesReceived = Number(cl) || 0;
-    if (!hasBody) return this.#forward(x, r, dest, cluster, path, headers, null, true);
-    if (!r.replayBody) {
-      if (cl === undefined) x.req.on('data', (c: Buffer) => (x.bytesReceived += c.length));
-      return this.#forward(x, r, dest, cluster, path, headers, x.req, false);
-    }
-    // Retries and mirrors replay the body: buffer it (up to maxReplayBytes, then stream without replay).
-    const chunks: Buffer[] = [];
-    let size = 0;
-    const req = x.req;
-    const onData = (c: Buffer) => {
-      chunks.push(c);
-      size += c.length;
-      if (size > this.#maxReplay) {
-        req.off('data', onData);
-        req.off('end', onEnd);
-        req.pause();
-        const rest = prepend(chunks, req, (n) => (x.bytesReceived = n));
-        this.#forward(x, r, dest, cluster, path, headers, rest, false);
-      }
-    };
-    const onEnd = () => {
-      x.bytesReceived = size;
-      this.#forward(x, r, dest, cluster, path, headers, chunks.length === 1 ? (chunks[0] as Buffer) : Buffer.concat(chunks, size), true);
-    };
-    req.on('data', onData);
-    req.once('end', onEnd);
+    // HTTP/2 says "no body" with END_STREAM on the HEADERS frame; HTTP/1.1 with its framing headers.
+    const h2 = (x.req as unknown as { stream?: ServerHttp2Stream }).stream;
+    const hasBody = h2 !== undefined ? !h2.endAfterHeaders : cl !== undefined ? cl !== '0' : h['transfer-encoding'] !== undefined;
+    const r = x.route as RuntimeRoute;
+    const body = hasBody ? new RequestBody(x.req, r.replayBody ? this.#maxReplay : 0) : null;
+    if (body !== null) x.body = body;
+    this.#forward(x, r, t, body);
   }
 
-  #forward(
-    x: Exchange,
-    r: RuntimeRoute,
-    dest: RuntimeDestination,
-    cluster: RuntimeCluster,
-    path: string,
-    headers: Record<string, string | string[]>,
-    body: Buffer | NodeJS.ReadableStream | null,
-    replayable: boolean,
-  ): void {
-    const call = new UpstreamCall(this, x, r, dest, cluster, path, headers, body, replayable);
-    const timeout = r.config.timeoutMs;
+  #forward(x: Exchange, r: RuntimeRoute, t: UpgradeTarget, body: RequestBody | null): void {
+    const { path, headers } = t;
+    const call = new UpstreamCall(this, x, r, t, body);
+    // gRPC callers send their deadline; the tighter of it and the route's timeout applies.
+    const deadline = x.grpc ? grpcTimeoutMs(x.headers['grpc-timeout']) : undefined;
+    const timeout = deadline === undefined ? r.config.timeoutMs : Math.min(deadline, r.config.timeoutMs ?? deadline);
     if (timeout !== undefined) {
       call.routeTimer = setTimeout(() => call.abort(new AttemptAbort('route_timeout')), timeout);
     }
     x.res.once('close', () => {
       if (!x.res.writableFinished) call.abort(new AttemptAbort('downstream'));
     });
-    if (replayable)
-      for (const m of r.mirrors) if (m.cluster !== undefined && x.random() < m.fraction) this.#mirror(x, m.cluster, path, headers, body as Buffer | null);
+    for (const m of r.mirrors) {
+      const mc = m.cluster;
+      if (mc === undefined || x.random() >= m.fraction) continue;
+      if (body === null) this.#mirror(x, mc, path, headers, null);
+      else body.whenComplete(() => body.replayable && this.#mirror(x, mc, path, headers, body.replay()));
+    }
     call.attempt();
   }
 
@@ -293,7 +196,95 @@ export class Engine {
 
   /** An HTTP/1.1 Upgrade request (WebSocket): matched on the same route table, then relayed. */
   upgrade(listenerName: string, scheme: 'http' | 'https', req: IncomingMessage, socket: Duplex, head: Buffer): void {
-    handleUpgrade(this, listenerName, scheme, req, socket, head);
+    this.websockets.handle(listenerName, scheme, req, socket, head);
+  }
+
+  /**
+   * The route-matching half of #begin for an upgrade (no response object, no filter chain): request
+   * id, authority, normalized path, virtual host, first matching route. Returns the reply to send
+   * instead, or undefined with x.vhost and x.route set. (#begin could call it: see websocket.ts.)
+   */
+  matchRoute(x: Exchange): LocalReply | undefined {
+    const h = x.headers;
+    const rid = h['x-request-id'];
+    x.requestId = validRequestId(rid) ? rid : this.#hex.uuid();
+    // HTTP/2 carries the authority in a pseudo-header; HTTP/1.1 in Host.
+    const authority = (h[':authority'] as string | undefined) ?? h.host;
+    if (authority === undefined || authority === '') return { status: 400, details: 'invalid_request' };
+    x.authority = authority;
+    x.host = hostOnly(authority);
+    const ct = h['content-type'];
+    x.grpc = ct?.startsWith('application/grpc') === true;
+    let url = x.req.url ?? '/';
+    if (url.charCodeAt(0) !== 47 /* / */) {
+      // RFC 9112 §3.2.2: a server accepts the absolute form; its authority is the target host.
+      const abs = absoluteForm(url);
+      if (abs === undefined) return { status: 400, details: 'invalid_request' };
+      url = abs;
+    }
+    const q = url.indexOf('?');
+    const path = normalizePath(q < 0 ? url : url.slice(0, q));
+    if (path === undefined) return { status: 400, details: 'invalid_request' };
+    x.path = path;
+    x.query = q < 0 ? '' : url.slice(q + 1);
+    x.pathWithQuery = q < 0 ? path : path + url.slice(q);
+    const vhost = findRuntimeVirtualHost(x.listener, x.host);
+    if (vhost === undefined) return { status: 404, details: 'route_not_found' };
+    x.vhost = vhost;
+    if (vhost.config.httpsRedirect) return { status: 301, details: 'https_redirect', headers: { location: `https://${x.host}${x.pathWithQuery}` } };
+    for (const r of vhost.routes) {
+      const ms = r.config.matches;
+      if (ms.length === 0) {
+        x.route = r;
+        return undefined;
+      }
+      for (let j = 0; j < ms.length; j++) {
+        if ((ms[j] as (typeof ms)[number]).test(x)) {
+          x.route = r;
+          x.matchIndex = j;
+          return undefined;
+        }
+      }
+    }
+    return { status: 404, details: 'route_not_found' };
+  }
+
+  /**
+   * The destination half of #router for an upgrade: direct/redirect replies, the weighted
+   * destination, cluster checks, the rewritten path, the forwarded headers and the hash key.
+   */
+  upstreamTarget(x: Exchange): LocalReply | UpgradeTarget {
+    const r = x.route as RuntimeRoute;
+    const action = r.config.action;
+    if (action.kind === 'direct') return { status: action.status, details: 'direct_response', ...(action.body === undefined ? {} : { body: action.body }) };
+    if (action.kind === 'redirect') return { status: action.code, details: 'redirect', headers: { location: redirectLocation(x, action) } };
+    let dest = r.destinations[0];
+    if (r.destinations.length > 1) {
+      const p = x.random() * r.totalWeight;
+      for (const d of r.destinations) {
+        if (p < d.cumulative) {
+          dest = d;
+          break;
+        }
+      }
+    }
+    const cluster = dest?.cluster;
+    if (dest === undefined || cluster === undefined) return { status: 503, details: 'cluster_not_found' };
+    x.cluster = cluster;
+    if (cluster.endpoints.length === 0) return { status: 503, details: 'no_healthy_upstream' };
+    if (cluster.overflowing) return { status: 503, details: 'upstream_overflow' };
+    const h = x.headers;
+    const headers = upstreamRequestHeaders(h);
+    headers.host = r.config.rewrite?.authority ?? x.authority;
+    headers['x-forwarded-for'] = x.remoteAddress;
+    headers['x-forwarded-proto'] = x.scheme;
+    headers['x-forwarded-host'] = x.authority;
+    headers['x-request-id'] = x.requestId;
+    headers.traceparent = nextTraceparent(h.traceparent, (n) => this.#hex.hex(n));
+    applyMutation(headers, r.config.requestHeaders);
+    applyMutation(headers, dest.requestHeaders);
+    const lb = cluster.config.lb;
+    return { dest, cluster, path: rewritePath(x, r), headers, hashKey: lb.kind === 'HASH' ? hashKeyOf(x, lb) : undefined };
   }
 
   /** Sends a local reply (Envoy: sendLocalReply). Safe to call once per request. */
@@ -302,9 +293,10 @@ export class Engine {
     x.details = r.details;
     const res = x.res;
     if (res.headersSent) {
-      res.destroy();
+      resetDownstream(res, undefined);
       return;
     }
+    if (x.grpc) return this.#grpcReply(x, r);
     const body = r.body ?? LOCAL_BODIES[r.details];
     const headers: OutgoingHttpHeaders = { ...r.headers };
     if (body !== undefined && body.length > 0) {
@@ -324,6 +316,41 @@ export class Engine {
     this.reply(x, { status: 500, details: 'internal_error' });
   }
 
+  /** @internal the HTTP/2 client for an endpoint of an HTTP2/GRPC cluster */
+  h2Client(ep: RuntimeEndpoint, cluster: RuntimeCluster): H2Client {
+    return this.#h2.get(`http://${ep.hostPort}`, cluster.config.pool.connectTimeoutMs, cluster.config.pool.idleTimeoutMs);
+  }
+
+  /** Closes upstream HTTP/2 connections (undici pools belong to the PoolRegistry). */
+  close(): void {
+    this.#h2.closeAll();
+  }
+
+  /**
+   * A local reply to a gRPC call is a gRPC error: HTTP 200, trailers-only, grpc-status and
+   * grpc-message (gRPC over HTTP/2 protocol spec), so clients see UNAVAILABLE, DEADLINE_EXCEEDED…
+   */
+  #grpcReply(x: Exchange, r: LocalReply): void {
+    const code = grpcStatusFor(r);
+    const message = r.body === undefined ? (LOCAL_BODIES[r.details] ?? r.details) : String(r.body);
+    const headers: Record<string, string> = {
+      'content-type': 'application/grpc',
+      'grpc-status': String(code),
+      'grpc-message': encodeURIComponent(message),
+      ...r.headers,
+    };
+    x.status = 200;
+    x.grpcStatus = String(code);
+    const stream = (x.res as unknown as { stream?: ServerHttp2Stream }).stream;
+    if (stream !== undefined && !stream.destroyed) stream.respond({ ':status': 200, ...headers }, { endStream: true });
+    else x.res.writeHead(200, headers).end();
+  }
+
+  /** The access-log sink, for the connection-level listeners (TCP/TLS) that share it. */
+  get accessLog(): ((record: AccessLogRecord) => void) | undefined {
+    return this.#deps.accessLog;
+  }
+
   /** @internal called by UpstreamCall */
   random(): number {
     return this.#random();
@@ -331,6 +358,7 @@ export class Engine {
 
   #logPhase(x: Exchange): void {
     const duration = performance.now() - x.start;
+    if (x.body !== undefined) x.bytesReceived = x.body.total;
     if (x.status === 0) x.details = 'downstream_disconnect';
     else if (!x.res.writableFinished && x.details === 'via_upstream') x.extraFlags += x.extraFlags === '' ? 'DC' : ',DC';
     const base = Details[x.details].flag;
@@ -352,7 +380,7 @@ export class Engine {
         bytes_sent: x.bytesSent,
         duration: Math.round(duration),
         upstream_service_time: x.upstreamEnd > 0 ? Math.round(x.upstreamEnd - x.upstreamStart) : null,
-        x_forwarded_for: clientAddress(x.req),
+        x_forwarded_for: x.remoteAddress,
         user_agent: h['user-agent'] ?? null,
         request_id: x.requestId,
         authority: x.authority,
@@ -360,7 +388,7 @@ export class Engine {
         upstream_cluster: x.cluster?.config.name ?? null,
         route_name: x.route?.config.name ?? null,
         attempts: x.attempts,
-        downstream_remote_address: `${x.req.socket.remoteAddress}:${x.req.socket.remotePort}`,
+        downstream_remote_address: `${x.remoteAddress}:${x.remotePort}`,
         config_version: x.snap.version,
       });
     }
@@ -380,7 +408,7 @@ const DISCARD: Dispatcher.DispatchHandler = {
  * One request's trip upstream, across retries. Implements undici's dispatch handler directly, so
  * response bytes go from the upstream socket to the client socket with no stream in between.
  */
-class UpstreamCall implements Dispatcher.DispatchHandler {
+class UpstreamCall implements UpstreamHandler {
   routeTimer: NodeJS.Timeout | undefined;
   readonly #engine: Engine;
   readonly #x: Exchange;
@@ -389,15 +417,17 @@ class UpstreamCall implements Dispatcher.DispatchHandler {
   readonly #cluster: RuntimeCluster;
   readonly #path: string;
   readonly #headers: Record<string, string | string[]>;
-  readonly #body: Buffer | NodeJS.ReadableStream | null;
-  readonly #replayable: boolean;
-  #controller: Dispatcher.DispatchController | undefined;
+  readonly #body: RequestBody | null;
+  readonly #hashKey: string | undefined;
+  #controller: UpstreamController | undefined;
   #tryTimer: NodeJS.Timeout | undefined;
   #endpoint: RuntimeEndpoint | undefined;
   /** The endpoint of the latest attempt (kept after it ends, for outcome reporting). */
   #lastEndpoint: RuntimeEndpoint | undefined;
   /** This attempt's response is being thrown away because it will be retried. */
   #discard = false;
+  /** Response headers of a gRPC trailers-only response, held until the stream ends. */
+  #trailersOnly: Record<string, string | string[] | number | undefined> | undefined;
   #paused = false;
   #done = false;
   #retrying = false;
@@ -407,34 +437,23 @@ class UpstreamCall implements Dispatcher.DispatchHandler {
     this.#controller?.resume();
   };
 
-  constructor(
-    engine: Engine,
-    x: Exchange,
-    route: RuntimeRoute,
-    dest: RuntimeDestination,
-    cluster: RuntimeCluster,
-    path: string,
-    headers: Record<string, string | string[]>,
-    body: Buffer | NodeJS.ReadableStream | null,
-    replayable: boolean,
-  ) {
+  constructor(engine: Engine, x: Exchange, route: RuntimeRoute, t: UpgradeTarget, body: RequestBody | null) {
     this.#engine = engine;
     this.#x = x;
     this.#route = route;
-    this.#dest = dest;
-    this.#cluster = cluster;
-    this.#path = path;
-    this.#headers = headers;
+    this.#dest = t.dest;
+    this.#cluster = t.cluster;
+    this.#path = t.path;
+    this.#headers = t.headers;
+    this.#hashKey = t.hashKey;
     this.#body = body;
-    this.#replayable = replayable;
   }
 
   attempt(): void {
     const x = this.#x;
     if (this.#done) return;
     const cluster = this.#cluster;
-    const hashKey = cluster.config.lb.kind === 'HASH' ? hashKeyOf(x, cluster.config.lb) : undefined;
-    const ep = cluster.pick(x.random, hashKey);
+    const ep = cluster.pick(x.random, this.#hashKey);
     if (ep === undefined) return this.#fail({ status: 503, details: 'no_healthy_upstream' });
     this.#endpoint = ep;
     this.#lastEndpoint = ep;
@@ -448,8 +467,18 @@ class UpstreamCall implements Dispatcher.DispatchHandler {
     ep.active++;
     const perTry = this.#route.config.retry.perTryTimeoutMs;
     if (perTry !== undefined) this.#tryTimer = setTimeout(() => this.abort(new AttemptAbort('per_try_timeout')), perTry);
+    const b = this.#body;
+    // The first attempt streams the body as it arrives; retries replay the kept copy.
+    const body = b === null ? null : x.attempts === 1 ? b.stream : b.replay();
     try {
-      ep.pool.dispatch({ path: this.#path, method: x.method as Dispatcher.HttpMethod, headers: this.#headers, body: this.#body as Buffer | null }, this);
+      if (cluster.config.protocol === 'HTTP2' || cluster.config.protocol === 'GRPC') {
+        this.#engine.h2Client(ep, cluster).dispatch({ path: this.#path, method: x.method, headers: this.#headers, body }, this);
+      } else {
+        ep.pool.dispatch(
+          { path: this.#path, method: x.method as Dispatcher.HttpMethod, headers: this.#headers, body },
+          this as unknown as Dispatcher.DispatchHandler,
+        );
+      }
     } catch (err) {
       this.onResponseError(undefined, err as Error);
     }
@@ -469,12 +498,12 @@ class UpstreamCall implements Dispatcher.DispatchHandler {
     }
   }
 
-  onRequestStart(controller: Dispatcher.DispatchController): void {
+  onRequestStart(controller: UpstreamController): void {
     this.#controller = controller;
     if (this.#abortReason !== undefined) controller.abort(this.#abortReason);
   }
 
-  onResponseStart(controller: Dispatcher.DispatchController, statusCode: number, headers: Record<string, string | string[] | undefined>): void {
+  onResponseStart(controller: UpstreamController, statusCode: number, headers: Record<string, string | string[] | undefined>): void {
     this.#controller = controller;
     if (statusCode < 200) return; // 1xx: informational, not forwarded
     const x = this.#x;
@@ -494,12 +523,28 @@ class UpstreamCall implements Dispatcher.DispatchHandler {
     out.server = 'meshgate';
     x.status = statusCode;
     x.details = 'via_upstream';
+    const gs = headers['grpc-status'];
+    if (typeof gs === 'string') {
+      // gRPC trailers-only response: it must reach the client as one HEADERS frame with END_STREAM,
+      // or gRPC clients see a call that ended without status. Sent in onResponseEnd.
+      x.grpcStatus = gs;
+      const stream = (x.res as unknown as { stream?: ServerHttp2Stream }).stream;
+      if (stream !== undefined) {
+        this.#trailersOnly = out;
+        return;
+      }
+    }
     x.res.writeHead(statusCode, out as OutgoingHttpHeaders);
   }
 
-  onResponseData(controller: Dispatcher.DispatchController, chunk: Buffer): void {
+  onResponseData(controller: UpstreamController, chunk: Buffer): void {
     if (this.#discard) return;
     const x = this.#x;
+    if (this.#trailersOnly !== undefined) {
+      // Not trailers-only after all (a body follows): headers go out now.
+      x.res.writeHead(x.status, this.#trailersOnly as OutgoingHttpHeaders);
+      this.#trailersOnly = undefined;
+    }
     x.bytesSent += chunk.length;
     if (!x.res.write(chunk) && !this.#paused) {
       this.#paused = true;
@@ -508,14 +553,30 @@ class UpstreamCall implements Dispatcher.DispatchHandler {
     }
   }
 
-  onResponseEnd(): void {
+  onResponseEnd(_controller: UpstreamController, trailers: Record<string, string | string[] | undefined>): void {
     this.#attemptDone();
     if (this.#discard) return this.#retry();
     this.#finish();
-    this.#x.res.end();
+    const x = this.#x;
+    const only = this.#trailersOnly;
+    if (only !== undefined) {
+      const stream = (x.res as unknown as { stream: ServerHttp2Stream }).stream;
+      if (!stream.destroyed) stream.respond({ ...only, ':status': x.status }, { endStream: true });
+      return;
+    }
+    const status = trailers['grpc-status'];
+    if (typeof status === 'string') x.grpcStatus = status;
+    // Trailers (gRPC's status lives there) go through as trailers; hop-by-hop rules do not apply.
+    let any = false;
+    for (const _ in trailers) {
+      any = true;
+      break;
+    }
+    if (any) x.res.addTrailers(trailers as Record<string, string>);
+    x.res.end();
   }
 
-  onResponseError(_controller: Dispatcher.DispatchController | undefined, err: Error): void {
+  onResponseError(_controller: UpstreamController | undefined, err: Error): void {
     if (this.#done) return;
     const wasActive = this.#endpoint !== undefined && !this.#retrying;
     if (wasActive) this.#attemptDone();
@@ -530,7 +591,7 @@ class UpstreamCall implements Dispatcher.DispatchHandler {
       // Mid-response: nothing to retry, the client sees the stream cut (Envoy: UPE/UC).
       x.details = 'upstream_reset';
       this.#finish();
-      x.res.destroy();
+      resetDownstream(x.res, err instanceof UpstreamStreamReset ? err.rstCode : undefined);
       return;
     }
     const code = (err as NodeJS.ErrnoException).code ?? '';
@@ -540,7 +601,7 @@ class UpstreamCall implements Dispatcher.DispatchHandler {
     if (reason?.reason === 'per_try_timeout') {
       failure = { status: 504, details: 'upstream_per_try_timeout' };
       retriable = retry.on5xx || retry.onGatewayError || retry.onReset;
-    } else if (CONNECT_FAILURE.has(code)) {
+    } else if (CONNECT_FAILURE_CODES.has(code)) {
       failure = { status: 503, details: 'upstream_connect_failure' };
       retriable = retry.onConnectFailure || retry.on5xx || retry.onGatewayError || retry.onReset;
     } else if (TIMEOUT.has(code)) {
@@ -559,7 +620,12 @@ class UpstreamCall implements Dispatcher.DispatchHandler {
 
   #canRetry(): boolean {
     const x = this.#x;
-    return this.#replayable && x.attempts <= this.#route.config.retry.attempts && this.#cluster.retries < this.#cluster.config.pool.maxRetries && !this.#done;
+    return (
+      (this.#body === null || this.#body.replayable) &&
+      x.attempts <= this.#route.config.retry.attempts &&
+      this.#cluster.retries < this.#cluster.config.pool.maxRetries &&
+      !this.#done
+    );
   }
 
   #retriableStatus(status: number, headers: Record<string, string | string[] | undefined>): boolean {
@@ -582,15 +648,17 @@ class UpstreamCall implements Dispatcher.DispatchHandler {
     this.#retrying = true;
     // Envoy's fully jittered exponential back-off: 25 ms base, capped at 250 ms.
     const ceiling = Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** (x.attempts - 1));
-    setTimeout(
-      () => {
-        cluster.retries--;
-        this.#retrying = false;
-        if (this.#done || x.res.destroyed) return;
-        this.attempt();
-      },
-      Math.floor(x.random() * ceiling),
-    );
+    const go = () => {
+      cluster.retries--;
+      this.#retrying = false;
+      if (this.#done || x.res.destroyed) return;
+      if (this.#body !== null && !this.#body.replayable) return this.#fail({ status: 503, details: 'upstream_reset' });
+      this.attempt();
+    };
+    const wait = Math.floor(x.random() * ceiling);
+    // A retry replays the whole body, so it waits for the rest of it to arrive.
+    if (this.#body === null) setTimeout(go, wait);
+    else this.#body.whenComplete(() => setTimeout(go, wait));
   }
 
   #attemptDone(): void {
@@ -638,11 +706,6 @@ function absoluteForm(url: string): string | undefined {
   }
 }
 
-function clientAddress(req: IncomingMessage): string {
-  const a = req.socket.remoteAddress ?? '';
-  return a.startsWith('::ffff:') ? a.slice(7) : a;
-}
-
 function rewritePath(x: Exchange, r: RuntimeRoute): string {
   const rw = r.config.rewrite;
   if (rw === undefined) return x.pathWithQuery;
@@ -681,24 +744,64 @@ function hashKeyOf(x: Exchange, lb: { header: string | undefined; sourceIp: bool
     const v = x.headers[lb.header];
     return v === undefined ? undefined : String(v);
   }
-  if (lb.sourceIp) return x.req.socket.remoteAddress;
+  if (lb.sourceIp) return x.remoteAddress;
   if (lb.query !== undefined) return x.query === '' ? undefined : (new URLSearchParams(x.query).get(lb.query) ?? undefined);
   return undefined;
 }
 
-/** A stream that yields the chunks already read, then the rest of `src` (body too large to buffer). */
-function prepend(chunks: Buffer[], src: IncomingMessage, onTotal: (n: number) => void): NodeJS.ReadableStream {
-  let total = 0;
-  async function* gen() {
-    for (const c of chunks) {
-      total += c.length;
-      yield c;
-    }
-    for await (const c of src) {
-      total += (c as Buffer).length;
-      yield c as Buffer;
-    }
-    onTotal(total);
+/** Ends a response that is already under way: RST_STREAM with the upstream's code on HTTP/2, a socket reset on HTTP/1.1. */
+function resetDownstream(res: ServerResponse, rstCode: number | undefined): void {
+  const stream = (res as unknown as { stream?: ServerHttp2Stream }).stream;
+  if (stream !== undefined) {
+    if (!stream.destroyed) stream.close(rstCode !== undefined && rstCode !== 0 ? rstCode : 2 /* INTERNAL_ERROR */);
+  } else res.destroy();
+}
+
+const GRPC_TIMEOUT = /^(\d{1,8})([HMSmun])$/;
+const GRPC_UNIT_MS: Record<string, number> = { H: 3_600_000, M: 60_000, S: 1000, m: 1, u: 0.001, n: 0.000001 };
+
+/** gRPC's `grpc-timeout` header (e.g. "100m", "5S") in milliseconds; undefined when absent or malformed. */
+export function grpcTimeoutMs(v: string | string[] | undefined): number | undefined {
+  if (typeof v !== 'string') return undefined;
+  const m = GRPC_TIMEOUT.exec(v);
+  if (m === null) return undefined;
+  return Math.max(1, Number(m[1]) * (GRPC_UNIT_MS[m[2] as string] as number));
+}
+
+/** The gRPC status for a gateway-made reply: what failed, in gRPC's terms. */
+export function grpcStatusFor(r: LocalReply): number {
+  switch (r.details) {
+    case 'upstream_timeout':
+    case 'upstream_per_try_timeout':
+      return 4; // DEADLINE_EXCEEDED
+    case 'route_not_found':
+      return 12; // UNIMPLEMENTED (Envoy maps 404 so)
+    case 'cluster_not_found':
+    case 'no_healthy_upstream':
+    case 'upstream_overflow':
+    case 'upstream_connect_failure':
+    case 'upstream_reset':
+      return 14; // UNAVAILABLE
+    default:
+      break;
   }
-  return Readable.from(gen(), { objectMode: false });
+  // Envoy's HTTP → gRPC mapping for the rest (fault aborts, direct responses, authn/authz, quota).
+  switch (r.status) {
+    case 400:
+      return 13;
+    case 401:
+      return 16; // UNAUTHENTICATED
+    case 403:
+      return 7; // PERMISSION_DENIED
+    case 404:
+      return 12;
+    case 429:
+      return 8; // RESOURCE_EXHAUSTED
+    case 502:
+    case 503:
+    case 504:
+      return 14;
+    default:
+      return r.status >= 200 && r.status < 300 ? 0 : 2; // OK, or UNKNOWN
+  }
 }
