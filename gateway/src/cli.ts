@@ -17,6 +17,9 @@ Usage:
       --port-map P=Q       bind Gateway port P on port Q, repeatable (Q=0: any free port)
       --access-log DEST    stdout (default), off, or a file path
       --log-level LEVEL    trace|debug|info|warn|error (default info)
+      --ws-max-payload BYTES        largest WebSocket message; larger closes with 1009 (default 16777216)
+      --ws-idle-timeout DURATION_MS close a WebSocket idle this long with 1001 (default 3600000)
+      --drain-timeout MS            a WebSocket whose route a reload removed closes after this (default 30000)
   meshgate validate PATH…  validate policy folders/files; exit 0 if valid, 1 with every error
   meshgate help
 `;
@@ -60,6 +63,14 @@ function validate(args: string[]): number {
   return 0;
 }
 
+/** A positive integer flag (bytes or milliseconds); undefined when absent. */
+function positive(flag: string, v: string | undefined): number | undefined {
+  if (v === undefined) return undefined;
+  const n = Number(v);
+  if (!/^\d+$/.test(v) || !Number.isSafeInteger(n) || n <= 0) throw new GatewayError(GatewayErrorCode.USAGE, `${flag} wants a positive integer, got "${v}"`);
+  return n;
+}
+
 function port(flag: string, v: string | undefined, dflt: number): number {
   if (v === undefined) return dflt;
   const n = Number(v);
@@ -79,6 +90,9 @@ async function gateway(args: string[]): Promise<number> {
       'port-map': { type: 'string', multiple: true },
       'access-log': { type: 'string' },
       'log-level': { type: 'string' },
+      'ws-max-payload': { type: 'string' },
+      'ws-idle-timeout': { type: 'string' },
+      'drain-timeout': { type: 'string' },
     },
   });
   if (values.policies === undefined || values.policies.length === 0) throw new GatewayError(GatewayErrorCode.USAGE, 'gateway needs --policies DIR');
@@ -93,6 +107,13 @@ async function gateway(args: string[]): Promise<number> {
     const [from, to] = m.split('=');
     portMap.set(port('--port-map', from, -1), port('--port-map', to, -1));
   }
+  const websocket: { maxPayloadBytes?: number; idleTimeoutMs?: number; drainTimeoutMs?: number } = {};
+  const maxPayloadBytes = positive('--ws-max-payload', values['ws-max-payload']);
+  const idleTimeoutMs = positive('--ws-idle-timeout', values['ws-idle-timeout']);
+  const drainTimeoutMs = positive('--drain-timeout', values['drain-timeout']);
+  if (maxPayloadBytes !== undefined) websocket.maxPayloadBytes = maxPayloadBytes;
+  if (idleTimeoutMs !== undefined) websocket.idleTimeoutMs = idleTimeoutMs;
+  if (drainTimeoutMs !== undefined) websocket.drainTimeoutMs = drainTimeoutMs;
   const logger = pino({ level: values['log-level'] ?? 'info', base: { component: 'meshgate' } }, pino.destination({ dest: 1, sync: false }));
   const dest = values['access-log'] ?? 'stdout';
   let accessLog: ((r: AccessLogRecord) => void) | null;
@@ -113,6 +134,7 @@ async function gateway(args: string[]): Promise<number> {
     metricsPort: port('--metrics-port', values['metrics-port'], 15090),
     logger,
     accessLog,
+    websocket,
   });
   logger.info({ ports: gw.ports }, 'meshgate gateway started');
   process.on('SIGHUP', () => {

@@ -8,6 +8,7 @@ import { type AccessLogRecord, Engine } from '../engine/proxy.ts';
 import { Snapshot } from '../engine/snapshot.ts';
 import { Telemetry } from '../engine/telemetry.ts';
 import { PoolRegistry } from '../engine/upstream.ts';
+import type { WebSocketOptions } from '../engine/websocket.ts';
 import { startAdmin, startMetrics } from './admin.ts';
 import { DEFAULT_HTTP2_LIMITS, type Http2Limits, ListenerManager } from './listeners.ts';
 
@@ -39,6 +40,12 @@ export interface GatewayOptions {
   /** Workload name and namespace used as source_* metric labels. */
   readonly workload?: string;
   readonly namespace?: string;
+  /**
+   * WebSocket limits: maxPayloadBytes (default 16 MiB; larger messages close with 1009), idleTimeoutMs
+   * (default 1 h; no frame either way → 1001), drainTimeoutMs (default 30 s; how long a socket whose
+   * route a reload removed keeps going before it is closed with 1001 "route removed").
+   */
+  readonly websocket?: Partial<WebSocketOptions>;
 }
 
 export type ReloadResult =
@@ -81,6 +88,7 @@ export class Gateway {
       accessLog: access,
       onError: (err, x) => this.logger.error({ err, request_id: x.requestId }, 'unexpected error while handling a request'),
       ...(opts.random === undefined ? {} : { random: opts.random }),
+      ...(opts.websocket === undefined ? {} : { websocket: opts.websocket }),
     });
     this.#listeners = new ListenerManager(this.engine, {
       bindAddress: opts.bindAddress ?? '0.0.0.0',
@@ -174,6 +182,8 @@ export class Gateway {
     // The swap: one assignment. Requests already in flight keep the snapshot they pinned.
     this.engine.snapshot = next;
     current?.retire();
+    // Open WebSockets whose route the new snapshot no longer has start draining (drainTimeoutMs, then 1001).
+    this.engine.websockets.onSnapshot(next);
     closeRemoved().catch((err: unknown) => this.logger.warn({ err }, 'closing a removed listener failed'));
     for (const d of config.diagnostics) this.logger.warn({ code: d.code }, formatDiagnostic(d));
     this.telemetry.reloads.inc({ result: 'applied' });
@@ -216,9 +226,12 @@ export class Gateway {
     for (const w of this.#watchers) w.close();
     this.#watchers = [];
     await this.#reloading?.catch(() => {});
+    // Upgraded sockets keep an HTTP server's close() waiting: close them first.
+    await this.engine.websockets.close();
     await Promise.all([this.#listeners.close(), this.#admin?.app.close(), this.#metrics?.app.close()]);
     this.engine.snapshot?.retire();
     this.engine.snapshot = undefined;
+    this.engine.close();
     await this.#pools.closeAll();
   }
 }
