@@ -3,7 +3,7 @@ import http2 from 'node:http2';
 import type { AddressInfo } from 'node:net';
 import { after, describe, test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
-import { freePort, poll, useGateway } from './helpers.ts';
+import { counterValue, freePort, poll, request, useGateway } from './helpers.ts';
 
 // A gRPC service without .proto files: JSON messages, all four call kinds.
 type Msg = { text: string; n?: number };
@@ -218,6 +218,21 @@ describe('gRPC through the gateway (h2c listener, HTTP/2 upstream)', () => {
     const r = await unary(c(), { text: 'fail' });
     assert.equal(r.err?.code, grpc.status.NOT_FOUND);
     assert.equal(r.err?.details, 'no such thing');
+  });
+
+  test('metrics: request_protocol="grpc" with grpc_response_status', async () => {
+    await unary(c(), { text: 'ok' });
+    await unary(c(), { text: 'fail' });
+    const text = (await request(fx.gw.ports.metrics ?? 0, { path: '/stats/prometheus' })).body;
+    const grpcCalls = (status: string) =>
+      counterValue(text, 'istio_requests_total', {
+        request_protocol: 'grpc',
+        destination_service: 'echo.svc',
+        response_code: '200',
+        grpc_response_status: status,
+      });
+    assert.ok(grpcCalls('0') >= 1, 'OK calls counted');
+    assert.ok(grpcCalls('5') >= 1, 'NOT_FOUND calls counted');
   });
 
   test('server streaming: every message, then trailers', async () => {

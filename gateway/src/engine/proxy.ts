@@ -55,6 +55,8 @@ export interface AccessLogRecord {
   readonly config_version: string;
 }
 
+/** Methods a proxy may retry on its own (RFC 9110 §9.2.2). */
+const IDEMPOTENT = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE', 'PUT', 'DELETE']);
 const TIMEOUT = new Set(['UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT']);
 const BACKOFF_BASE_MS = 25;
 const BACKOFF_MAX_MS = 250;
@@ -364,7 +366,8 @@ export class Engine {
     const base = Details[x.details].flag;
     const flags = x.extraFlags === '' ? base : base === '-' ? x.extraFlags : `${base},${x.extraFlags}`;
     const slot = x.endpoint?.metrics ?? x.cluster?.metrics ?? this.#noDestination;
-    slot.record(x.status, flags, duration, x.bytesReceived, x.bytesSent);
+    if (x.grpc) slot.grpc.record(x.status, flags, duration, x.bytesReceived, x.bytesSent, x.grpcStatus);
+    else slot.record(x.status, flags, duration, x.bytesReceived, x.bytesSent);
     const log = this.#deps.accessLog;
     if (log !== undefined) {
       const h = x.headers;
@@ -431,6 +434,7 @@ class UpstreamCall implements UpstreamHandler {
   #paused = false;
   #done = false;
   #retrying = false;
+  #staleRetried = false;
   #abortReason: AttemptAbort | undefined;
   readonly #resume = () => {
     this.#paused = false;
@@ -610,12 +614,30 @@ class UpstreamCall implements UpstreamHandler {
     } else {
       failure = { status: 503, details: 'upstream_reset' };
       retriable = retry.on5xx || retry.onGatewayError || retry.onReset;
+      if (this.#staleRetry(err, code)) return;
     }
     // Local-origin failures count as gateway errors for outlier detection (Envoy, unsplit).
     if (this.#lastEndpoint !== undefined) this.#cluster.reportOutcome(this.#lastEndpoint, failure.status);
     if (retriable && this.#canRetry()) return this.#retry();
     if (retriable && x.attempts > 1) x.extraFlags += x.extraFlags === '' ? 'URX' : ',URX';
     this.#fail(failure);
+  }
+
+  /**
+   * A pooled keep-alive connection the upstream closed just as it was reused: the request died
+   * before any response. An idempotent request (RFC 9110 §9.2.2) gets one more try on a fresh
+   * connection, outside the route's retry policy — as Envoy does for connections that die in the
+   * pool — so the keep-alive race is invisible to clients even with retries off.
+   */
+  #staleRetry(err: Error, code: string): boolean {
+    if (this.#staleRetried || err instanceof UpstreamStreamReset || !IDEMPOTENT.has(this.#x.method)) return false;
+    if (code !== 'UND_ERR_SOCKET' && code !== 'ECONNRESET') return false;
+    if (this.#body !== null && !this.#body.complete) return false;
+    this.#staleRetried = true;
+    setImmediate(() => {
+      if (!this.#done && !this.#x.res.destroyed) this.attempt();
+    });
+    return true;
   }
 
   #canRetry(): boolean {

@@ -124,6 +124,7 @@ export class MetricSlot {
   readonly #base: Omit<Labels, 'response_code' | 'response_flags'>;
   readonly #series = new Map<string | number, Series>();
   #tcp: TcpSlot | undefined;
+  #grpc: MetricSlot | undefined;
 
   constructor(telemetry: Telemetry, base: Omit<Labels, 'response_code' | 'response_flags'>) {
     this.#telemetry = telemetry;
@@ -139,11 +140,18 @@ export class MetricSlot {
     return this.#tcp;
   }
 
-  record(code: number, flags: string, durationMs: number, requestBytes: number, responseBytes: number): void {
-    const key = flags === '-' ? code : `${code}${flags}`;
+  /** The same destination's gRPC series (request_protocol "grpc", with grpc_response_status), created on first use. */
+  get grpc(): MetricSlot {
+    this.#grpc ??= new MetricSlot(this.#telemetry, { ...this.#base, request_protocol: 'grpc' });
+    return this.#grpc;
+  }
+
+  /** One request; `grpcStatus` is the grpc-status of a gRPC call ('' otherwise). */
+  record(code: number, flags: string, durationMs: number, requestBytes: number, responseBytes: number, grpcStatus = ''): void {
+    const key = flags === '-' && grpcStatus === '' ? code : `${code}${flags}|${grpcStatus}`;
     let s = this.#series.get(key);
     if (s === undefined) {
-      s = this.#telemetry.series({ ...this.#base, response_code: String(code), response_flags: flags });
+      s = this.#telemetry.series({ ...this.#base, response_code: String(code), response_flags: flags, grpc_response_status: grpcStatus });
       this.#series.set(key, s);
     }
     s.requests++;
