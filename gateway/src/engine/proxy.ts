@@ -3,6 +3,7 @@ import type { ServerHttp2Stream } from 'node:http2';
 import { performance } from 'node:perf_hooks';
 import type { Duplex } from 'node:stream';
 import type { Dispatcher } from 'undici';
+import { type AccessLogRecord, accessRecord } from './accesslog.ts';
 import { RequestBody } from './body.ts';
 import { CONNECT_FAILURE_CODES, Details, LOCAL_BODIES, type LocalReply } from './details.ts';
 import { Exchange } from './exchange.ts';
@@ -15,6 +16,8 @@ import { findRuntimeVirtualHost, type RuntimeDestination, type RuntimeRoute, typ
 import type { MetricSlot, Telemetry } from './telemetry.ts';
 import type { RuntimeCluster, RuntimeEndpoint } from './upstream.ts';
 import { type UpgradeTarget, type WebSocketOptions, WebSocketProxy } from './websocket.ts';
+
+export type { AccessLogRecord };
 
 /** What the engine needs from the world; all injected (STYLE: no module-level singletons). */
 export interface EngineDeps {
@@ -29,30 +32,6 @@ export interface EngineDeps {
   readonly maxReplayBytes?: number;
   /** WebSocket limits; unset fields take DEFAULT_WEBSOCKET_OPTIONS. */
   readonly websocket?: Partial<WebSocketOptions>;
-}
-
-export interface AccessLogRecord {
-  readonly start_time: string;
-  readonly method: string;
-  readonly path: string;
-  readonly protocol: string;
-  readonly response_code: number;
-  readonly response_flags: string;
-  readonly response_code_details: string;
-  readonly bytes_received: number;
-  readonly bytes_sent: number;
-  readonly duration: number;
-  readonly upstream_service_time: number | null;
-  readonly x_forwarded_for: string;
-  readonly user_agent: string | null;
-  readonly request_id: string;
-  readonly authority: string;
-  readonly upstream_host: string | null;
-  readonly upstream_cluster: string | null;
-  readonly route_name: string | null;
-  readonly attempts: number;
-  readonly downstream_remote_address: string;
-  readonly config_version: string;
 }
 
 /** Methods a proxy may retry on its own (RFC 9110 §9.2.2). */
@@ -368,33 +347,7 @@ export class Engine {
     const slot = x.endpoint?.metrics ?? x.cluster?.metrics ?? this.#noDestination;
     if (x.grpc) slot.grpc.record(x.status, flags, duration, x.bytesReceived, x.bytesSent, x.grpcStatus);
     else slot.record(x.status, flags, duration, x.bytesReceived, x.bytesSent);
-    const log = this.#deps.accessLog;
-    if (log !== undefined) {
-      const h = x.headers;
-      log({
-        start_time: new Date(x.startEpoch).toISOString(),
-        method: x.method,
-        path: x.req.url ?? '',
-        protocol: `HTTP/${x.req.httpVersion}`,
-        response_code: x.status,
-        response_flags: flags,
-        response_code_details: x.details,
-        bytes_received: x.bytesReceived,
-        bytes_sent: x.bytesSent,
-        duration: Math.round(duration),
-        upstream_service_time: x.upstreamEnd > 0 ? Math.round(x.upstreamEnd - x.upstreamStart) : null,
-        x_forwarded_for: x.remoteAddress,
-        user_agent: h['user-agent'] ?? null,
-        request_id: x.requestId,
-        authority: x.authority,
-        upstream_host: x.endpoint?.hostPort ?? null,
-        upstream_cluster: x.cluster?.config.name ?? null,
-        route_name: x.route?.config.name ?? null,
-        attempts: x.attempts,
-        downstream_remote_address: `${x.remoteAddress}:${x.remotePort}`,
-        config_version: x.snap.version,
-      });
-    }
+    this.#deps.accessLog?.(accessRecord(x, x.status, flags, x.details, duration));
     x.snap.release();
   }
 }

@@ -3,10 +3,10 @@ import { performance } from 'node:perf_hooks';
 import type { Duplex } from 'node:stream';
 import { Counter, Gauge } from 'prom-client';
 import { type RawData, WebSocket, WebSocketServer } from 'ws';
+import { type AccessLogRecord, accessRecord } from './accesslog.ts';
 import { CONNECT_FAILURE_CODES, Details, type DetailsName, LOCAL_BODIES, type LocalReply } from './details.ts';
 import { Exchange } from './exchange.ts';
 import { applyMutation, downstreamResponseHeaders } from './headers.ts';
-import type { AccessLogRecord } from './proxy.ts';
 import type { RuntimeDestination, RuntimeVirtualHost, Snapshot } from './snapshot.ts';
 import type { MetricSlot, Telemetry } from './telemetry.ts';
 import type { RuntimeCluster, RuntimeEndpoint } from './upstream.ts';
@@ -440,31 +440,7 @@ export class WebSocketProxy {
     const duration = performance.now() - x.start;
     const slot = x.endpoint?.metrics ?? x.cluster?.metrics ?? this.#deps.noDestination;
     slot.record(status, flags, duration, x.bytesReceived, x.bytesSent);
-    const log = this.#deps.accessLog;
-    if (log === undefined) return;
-    log({
-      start_time: new Date(x.startEpoch).toISOString(),
-      method: x.method,
-      path: x.req.url ?? '',
-      protocol: `HTTP/${x.req.httpVersion}`,
-      response_code: status,
-      response_flags: flags,
-      response_code_details: details,
-      bytes_received: x.bytesReceived,
-      bytes_sent: x.bytesSent,
-      duration: Math.round(duration),
-      upstream_service_time: x.upstreamEnd > 0 ? Math.round(x.upstreamEnd - x.upstreamStart) : null,
-      x_forwarded_for: x.remoteAddress,
-      user_agent: headerValue(x.headers['user-agent']) ?? null,
-      request_id: x.requestId,
-      authority: x.authority,
-      upstream_host: x.endpoint?.hostPort ?? null,
-      upstream_cluster: x.cluster?.config.name ?? null,
-      route_name: x.route?.config.name ?? null,
-      attempts: x.attempts,
-      downstream_remote_address: `${x.remoteAddress}:${x.remotePort}`,
-      config_version: x.snap.version,
-    });
+    this.#deps.accessLog?.(accessRecord(x, status, flags, details, duration));
   }
 }
 
