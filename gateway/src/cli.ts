@@ -3,8 +3,8 @@ import { parseArgs } from 'node:util';
 import { compile, formatDiagnostic, loadPolicies } from '@meshgate/policies';
 import pino from 'pino';
 import { startGateway } from './edge/gateway.ts';
+import { type AccessLogRecord, accessLogTo } from './engine/accesslog.ts';
 import { GatewayError, GatewayErrorCode } from './engine/details.ts';
-import type { AccessLogRecord } from './engine/proxy.ts';
 
 const USAGE = `meshgate — Istio's service-mesh pattern without Envoy
 
@@ -114,16 +114,17 @@ async function gateway(args: string[]): Promise<number> {
   if (maxPayloadBytes !== undefined) websocket.maxPayloadBytes = maxPayloadBytes;
   if (idleTimeoutMs !== undefined) websocket.idleTimeoutMs = idleTimeoutMs;
   if (drainTimeoutMs !== undefined) websocket.drainTimeoutMs = drainTimeoutMs;
-  const logger = pino({ level: values['log-level'] ?? 'info', base: { component: 'meshgate' } }, pino.destination({ dest: 1, sync: false }));
+  // One buffered stdout for the process log and the access log, so their lines never interleave.
+  const stdout = pino.destination({ dest: 1, sync: false });
+  const logger = pino({ level: values['log-level'] ?? 'info', base: { component: 'meshgate' } }, stdout);
   const dest = values['access-log'] ?? 'stdout';
+  let accessFile: ReturnType<typeof pino.destination> | undefined;
   let accessLog: ((r: AccessLogRecord) => void) | null;
   if (dest === 'off') accessLog = null;
-  else if (dest === 'stdout') {
-    const l = logger.child({ type: 'access' });
-    accessLog = (r) => l.info(r);
-  } else {
-    const l = pino({ base: null, timestamp: false }, pino.destination({ dest, sync: false, mkdir: true }));
-    accessLog = (r) => l.info(r);
+  else if (dest === 'stdout') accessLog = accessLogTo(stdout);
+  else {
+    accessFile = pino.destination({ dest, sync: false, mkdir: true });
+    accessLog = accessLogTo(accessFile);
   }
   const gw = await startGateway({
     policies: values.policies,
@@ -149,7 +150,9 @@ async function gateway(args: string[]): Promise<number> {
     process.once('SIGINT', stop);
     process.once('SIGTERM', stop);
   });
-  logger.flush();
+  // Buffered lines (the last requests' access log among them) reach their files before exit.
+  accessFile?.flushSync();
+  stdout.flushSync();
   return 0;
 }
 

@@ -236,6 +236,7 @@ export class Gateway {
   }
 }
 
+/** Without a sink given, access-log lines go to the process log (as `{"type":"access",...}` records). */
 function defaultAccessLog(logger: Logger): (r: AccessLogRecord) => void {
   const log = logger.child({ type: 'access' });
   return (r) => log.info(r);

@@ -52,3 +52,23 @@ export function accessRecord(x: Exchange, status: number, flags: string, details
     config_version: x.snap.version,
   };
 }
+
+const str = (v: string | null): string => (v === null ? 'null' : JSON.stringify(v));
+
+/**
+ * The record as one JSON line, written field by field: about five times cheaper per request than a
+ * generic object serializer (pino's), which the bench measured at ~8 µs of a ~31 µs request.
+ */
+export function formatAccessRecord(r: AccessLogRecord): string {
+  return `{"type":"access","start_time":"${r.start_time}","method":${str(r.method)},"path":${str(r.path)},"protocol":${str(r.protocol)},"response_code":${r.response_code},"response_flags":${str(r.response_flags)},"response_code_details":${str(r.response_code_details)},"bytes_received":${r.bytes_received},"bytes_sent":${r.bytes_sent},"duration":${r.duration},"upstream_service_time":${r.upstream_service_time},"x_forwarded_for":${str(r.x_forwarded_for)},"user_agent":${str(r.user_agent)},"request_id":${str(r.request_id)},"authority":${str(r.authority)},"upstream_host":${str(r.upstream_host)},"upstream_cluster":${str(r.upstream_cluster)},"route_name":${str(r.route_name)},"attempts":${r.attempts},"downstream_remote_address":${str(r.downstream_remote_address)},"config_version":${str(r.config_version)}}\n`;
+}
+
+/** A destination that takes whole lines (pino's SonicBoom, a file stream, process.stdout). */
+export interface LineSink {
+  write(line: string): unknown;
+}
+
+/** An access-log function writing JSON lines to a sink. */
+export function accessLogTo(sink: LineSink): (r: AccessLogRecord) => void {
+  return (r) => sink.write(formatAccessRecord(r));
+}
