@@ -85,6 +85,12 @@ describe('proxy headers', () => {
     assert.equal(h['x-end-to-end'], 'yes');
   });
 
+  test('an Upgrade other than websocket (h2c) is served as plain HTTP/1.1, without the upgrade headers', async () => {
+    const h = await upstreamHeaders({ connection: 'Upgrade, HTTP2-Settings', upgrade: 'h2c', 'http2-settings': 'AAMAAABkAAQAoAAAAAIAAAAA' });
+    assert.equal(h.upgrade, undefined);
+    assert.equal(h['http2-settings'], undefined);
+  });
+
   test('te: trailers is the one TE value forwarded', async () => {
     const h = await upstreamHeaders({ te: 'trailers' });
     assert.equal(h.te, 'trailers');

@@ -1,4 +1,5 @@
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
+import type { Http2ServerRequest } from 'node:http2';
 import type { AddressInfo, Socket } from 'node:net';
 import type { SecureContext } from 'node:tls';
 import type { ListenerProtocol } from '@meshgate/policies';
@@ -184,12 +185,25 @@ export class ListenerManager {
     app.addContentTypeParser('*', (_req, _payload, done) => done(null));
     const handler = (request: { raw: IncomingMessage }, reply: { hijack(): void; raw: ServerResponse }) => {
       reply.hijack();
-      engine.handle(name, scheme, request.raw, reply.raw);
+      const req = request.raw;
+      if (req.httpVersionMajor !== 2) {
+        engine.handle(name, scheme, req, reply.raw);
+        return;
+      }
+      // CVE-2023-44487: nghttp2 hands us every HEADERS of a read before it parses the RST_STREAMs
+      // that follow in the same read, so a rapid-reset flood would reach the upstream in full.
+      // Dispatching after the read (as Envoy defers streams per I/O cycle) drops those already reset.
+      setImmediate(() => {
+        if (!(req as unknown as Http2ServerRequest).stream.destroyed) engine.handle(name, scheme, req, reply.raw);
+      });
     };
     app.all('/*', handler);
     app.setNotFoundHandler(handler);
     // HTTP/1.1 upgrades (WebSocket) bypass fastify's routing: the engine matches them on our table.
-    (app.server as Server).on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => engine.upgrade(name, scheme, req, socket, head));
+    const server = app.server as Server & { shouldUpgradeCallback?: (req: IncomingMessage) => boolean };
+    // Only WebSocket upgrades leave HTTP handling; any other Upgrade (h2c, …) is served as plain HTTP/1.1.
+    server.shouldUpgradeCallback = (req) => /(^|,)\s*websocket\s*(,|$)/i.test(String(req.headers.upgrade ?? ''));
+    server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => engine.upgrade(name, scheme, req, socket, head));
     try {
       await app.listen({ host, port });
     } catch (err) {
