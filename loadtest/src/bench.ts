@@ -1,12 +1,15 @@
-// Side-by-side benchmark: direct upstream vs nginx reverse proxy vs meshgate.
+// Side-by-side benchmark: direct upstream vs nginx reverse proxy vs meshgate,
+// in up to three scenarios: HTTP/1.1 (wrk), HTTP/2 h2c to the proxy with
+// HTTP/1.1 behind it (h2load), and gRPC unary over h2c end to end (h2load).
 //
-//   npm run bench                                   (repo root, defaults)
-//   node_modules/.bin/node loadtest/src/bench.ts --duration 5 --rounds 3 --connections 50 --json out.json
+//   npm run bench                                   (repo root, defaults: --scenario http1)
+//   node_modules/.bin/node loadtest/src/bench.ts --scenario all --json out.json
 //
 // Everything runs on 127.0.0.1 only. With taskset, the proxy under test (nginx
-// proxy, meshgate) runs alone on one CPU and the load side (upstream, wrk and
-// this harness) on another, so each proxy gets exactly one core of its own. Each
-// proxy's own CPU time per request is measured from /proc. See loadtest/README.md.
+// proxy, meshgate) runs alone on one CPU and the load side (upstream, load
+// generator and this harness) on another, so each proxy gets exactly one core of
+// its own. Each proxy's own CPU time per request is measured from /proc. See
+// loadtest/README.md.
 
 import { execFileSync } from 'node:child_process';
 import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, unlinkSync, writeFileSync } from 'node:fs';
@@ -15,13 +18,29 @@ import { createServer } from 'node:net';
 import { availableParallelism, cpus, release, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { meshgatePolicies, NODE_UPSTREAM_SCRIPT, nginxProxyConf, nginxUpstreamConf, UPSTREAM_BODY } from './configs.ts';
+import {
+  GRPC_PATH,
+  GRPC_REPLY,
+  GRPC_REQUEST,
+  GRPC_UPSTREAM_SCRIPT,
+  type MeshgateProtocols,
+  meshgatePolicies,
+  NODE_UPSTREAM_SCRIPT,
+  nginxGrpcProxyConf,
+  nginxProxyConf,
+  nginxUpstreamConf,
+  UPSTREAM_BODY,
+} from './configs.ts';
 import { busyFraction, type CpuSample, foreignCores, groupTicks, sampleCpu } from './cpu.ts';
+import { type H2loadResult, h2loadErrors, parseH2load, statusMismatch } from './h2load.ts';
+import { probeGrpc, probeH2Get } from './probe.ts';
 import { findExecutable, type Managed, runCaptured, Supervisor, tail } from './procs.ts';
 import { errorCount, parseWrk, type WrkResult } from './wrk.ts';
 
 const TARGET_NAMES = ['direct', 'nginx', 'meshgate'] as const;
 type TargetName = (typeof TARGET_NAMES)[number];
+const SCENARIO_NAMES = ['http1', 'h2', 'grpc'] as const;
+type ScenarioName = (typeof SCENARIO_NAMES)[number];
 
 interface Target {
   name: TargetName;
@@ -32,37 +51,49 @@ interface Target {
   measured: Managed;
   /** True for nginx and meshgate: a proxy in front of the upstream. */
   proxied: boolean;
+  /** Null when a request through the target is answered correctly, else what was wrong (h2/grpc: before load). */
+  probe: (() => Promise<string | null>) | undefined;
 }
 
-/** One wrk run plus how much CPU other processes on the machine took meanwhile. */
-interface RunResult extends WrkResult {
-  /** CPU (in cores) used by processes that are not the bench's during the run; null if not measured. */
-  foreignCores: number | null;
-  /** CPU (in cores) used by the bench's own processes (servers, wrk, harness) during the run. */
-  benchCores: number | null;
-  /**
-   * CPU time (utime+stime, all threads and processes of its group) of the process under test
-   * per completed request, in µs: the proxy for nginx/meshgate, the upstream for direct.
-   */
-  cpuUsPerReq: number | null;
-  /** The same CPU time divided by the run's wall time: 1.0 = one core fully busy. */
-  cpuCores: number | null;
-  /** For proxied targets: the upstream's CPU time per completed request, in µs. */
-  upstreamUsPerReq: number | null;
-  /** Busy fraction (0..1) of the load CPU (upstream + wrk) during the run; null when not pinned. */
-  loadCpuBusy: number | null;
+/** The figures every load run yields, whatever the tool. */
+interface LoadFigures {
+  rps: number;
+  /** Requests completed (CPU per request divides by this). */
+  requests: number;
+  /** Wall time of the run as the tool reports it, in seconds. */
+  elapsedS: number;
+  /** Every error counter of the run added up. */
+  errors: number;
 }
+
+/** One load run (wrk or h2load figures) plus the CPU accounting around it. */
+type RunResult = (WrkResult | H2loadResult) &
+  LoadFigures & {
+    /** CPU (in cores) used by processes that are not the bench's during the run; null if not measured. */
+    foreignCores: number | null;
+    /** CPU (in cores) used by the bench's own processes (servers, load generator, harness) during the run. */
+    benchCores: number | null;
+    /**
+     * CPU time (utime+stime, all threads and processes of its group) of the process under test
+     * per completed request, in µs: the proxy for nginx/meshgate, the upstream for direct.
+     */
+    cpuUsPerReq: number | null;
+    /** The same CPU time divided by the run's wall time: 1.0 = one core fully busy. */
+    cpuCores: number | null;
+    /** For proxied targets: the upstream's CPU time per completed request, in µs. */
+    upstreamUsPerReq: number | null;
+    /** Busy fraction (0..1) of the load CPU (upstream + load generator) during the run; null when not pinned. */
+    loadCpuBusy: number | null;
+  };
 
 interface Stats {
   rps: number;
-  p50Ms: number;
-  p99Ms: number;
+  /** Median over the rounds of each latency figure the tool gives (ms). */
+  latency: Record<string, number>;
   rpsMin: number;
   rpsMax: number;
   requests: number;
   errors: number;
-  non2xx3xx: number;
-  socketErrors: number;
   /** Measured runs where other processes took more than DISTURBED_CORES of CPU. */
   disturbed: number;
   /** Medians over the rounds (NaN when not measured). */
@@ -77,9 +108,15 @@ interface Stats {
 
 const USAGE = `usage: node loadtest/src/bench.ts [options]     (npm run bench: defaults)
 
-  --duration N      seconds per measured wrk run        (default 5, 1..60)
-  --rounds N        alternating rounds over all targets (default 3, 1..10)
-  --connections N   wrk connections (wrk uses 1 thread)  (default 50, 1..1000)
+  --scenario S      http1 | h2 | grpc | all              (default http1)
+                      http1: HTTP/1.1 keep-alive, wrk
+                      h2:    h2c to the proxy, HTTP/1.1 to the upstream, h2load
+                      grpc:  gRPC unary, h2c on both sides, h2load
+  --duration N      seconds per measured run             (default 5, 1..60)
+  --rounds N        alternating rounds over all targets  (default 3, 1..10)
+  --connections N   wrk connections (wrk uses 1 thread)  (default 50, 1..1000; http1)
+  --h2-clients N    h2load connections (1 thread)        (default 10, 1..1000; h2, grpc)
+  --streams N       h2load concurrent streams per client (default 10, 1..100; h2, grpc)
   --warmup N        warm-up seconds per target           (default 2, 0..30)
   --targets LIST    comma list of direct,nginx,meshgate  (default all)
   --json PATH       also write the JSON result to PATH (relative to the cwd)
@@ -87,7 +124,7 @@ const USAGE = `usage: node loadtest/src/bench.ts [options]     (npm run bench: d
   --access-log      proxies log every request to a file in the temp dir
                     (nginx: combined buffer=64k; meshgate: JSON lines). Default off
   --no-pin          do not pin processes with taskset (default: proxy under test
-                    alone on the first allowed CPU; upstream, wrk, harness on the second)
+                    alone on the first allowed CPU; upstream, load generator, harness on the second)
   -h, --help        this text
 
 The last line of stdout is always the JSON result (one line).
@@ -203,16 +240,19 @@ function failProcess(m: Managed, what: string): never {
   throw new BenchError(`${what}: ${m.name} ${describeExit(m)}${t ? `\n--- last output of ${m.name} ---\n${t.trimEnd()}\n---` : ''}`);
 }
 
-/** Poll `url` until it answers 200 (and `expectBody`, if given), bounded. */
-async function waitForHttp(m: Managed, url: string, timeoutMs: number, expectBody?: string): Promise<void> {
+/**
+ * Poll `check` (null = ready, else why not) until it passes, bounded; fails
+ * at once if `m` exits. `what` names the request in the error message.
+ */
+async function waitFor(m: Managed, what: string, timeoutMs: number, check: () => Promise<string | null>): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   let last = 'no attempt';
   while (Date.now() < deadline) {
-    if (m.exitInfo !== undefined) failProcess(m, `while waiting for ${url}`);
+    if (m.exitInfo !== undefined) failProcess(m, `while waiting for ${what}`);
     try {
-      const r = await httpGet(url, 1000);
-      if (r.status === 200 && (expectBody === undefined || r.body === expectBody)) return;
-      last = `HTTP ${r.status} body ${JSON.stringify(r.body.slice(0, 200))}`;
+      const why = await check();
+      if (why === null) return;
+      last = why;
     } catch (err) {
       last = (err as Error).message;
     }
@@ -220,8 +260,17 @@ async function waitForHttp(m: Managed, url: string, timeoutMs: number, expectBod
   }
   const t = tail(m.logPath);
   throw new BenchError(
-    `${m.name} not ready: ${url} did not answer 200${expectBody === undefined ? '' : ` ${JSON.stringify(expectBody)}`} within ${timeoutMs / 1000} s (last: ${last})${t ? `\n--- last output of ${m.name} ---\n${t.trimEnd()}\n---` : ''}`,
+    `${m.name} not ready: ${what} did not succeed within ${timeoutMs / 1000} s (last: ${last})${t ? `\n--- last output of ${m.name} ---\n${t.trimEnd()}\n---` : ''}`,
   );
+}
+
+/** Poll `url` until it answers 200 (and `expectBody`, if given), bounded. */
+function waitForHttp(m: Managed, url: string, timeoutMs: number, expectBody?: string): Promise<void> {
+  return waitFor(m, `GET ${url}${expectBody === undefined ? '' : ` → 200 ${JSON.stringify(expectBody)}`}`, timeoutMs, async () => {
+    const r = await httpGet(url, 1000);
+    if (r.status === 200 && (expectBody === undefined || r.body === expectBody)) return null;
+    return `HTTP ${r.status} body ${JSON.stringify(r.body.slice(0, 200))}`;
+  });
 }
 
 /** Fraction of all CPUs busy over `ms` (0..1): other work on the machine skews results. */
@@ -312,9 +361,12 @@ function pad(s: string, w: number, right = false): string {
 function parseCli() {
   return parseArgs({
     options: {
+      scenario: { type: 'string', default: 'http1' },
       duration: { type: 'string', default: '5' },
       rounds: { type: 'string', default: '3' },
       connections: { type: 'string', default: '50' },
+      'h2-clients': { type: 'string', default: '10' },
+      streams: { type: 'string', default: '10' },
       warmup: { type: 'string', default: '2' },
       targets: { type: 'string', default: TARGET_NAMES.join(',') },
       json: { type: 'string' },
@@ -326,6 +378,575 @@ function parseCli() {
     strict: true,
     allowPositionals: false,
   });
+}
+
+/** Everything a scenario needs from the run's set-up. */
+interface Ctx {
+  sup: Supervisor;
+  tmp: string;
+  wanted: string[];
+  duration: number;
+  rounds: number;
+  warmup: number;
+  connections: number;
+  h2Clients: number;
+  streams: number;
+  accessLog: boolean;
+  pin: boolean;
+  loadCpu: string;
+  clkTck: number;
+  wrk: string | undefined;
+  h2load: string | undefined;
+  nginx: string | undefined;
+  gatewayCli: string;
+  onProxyCpu: (cmd: string, args: string[]) => [string, string[]];
+  onLoadCpu: (cmd: string, args: string[]) => [string, string[]];
+}
+
+interface ScenarioReport {
+  valid: boolean;
+  lines: string[];
+  json: Record<string, unknown>;
+}
+
+/** What each scenario measures, for its section title. */
+const SCENARIO_TITLES: Record<ScenarioName, string> = {
+  http1: 'GET / → 6-byte body, HTTP/1.1 keep-alive both sides',
+  h2: 'GET / → 6-byte body, h2c (prior knowledge) client → proxy, HTTP/1.1 keep-alive proxy → upstream',
+  grpc: `gRPC unary POST ${GRPC_PATH} (${GRPC_REQUEST.length}-byte message → ${GRPC_REPLY.length}-byte reply + grpc-status 0), h2c both sides`,
+};
+
+/** Latency columns per tool: label and key in the tool's result (ms). */
+const LATENCY_COLS: Record<'wrk' | 'h2load', [string, 'p50Ms' | 'p99Ms' | 'meanMs' | 'sdMs' | 'maxMs'][]> = {
+  wrk: [
+    ['p50 ms', 'p50Ms'],
+    ['p99 ms', 'p99Ms'],
+  ],
+  h2load: [
+    ['mean ms', 'meanMs'],
+    ['sd ms', 'sdMs'],
+    ['max ms', 'maxMs'],
+  ],
+};
+
+async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioReport> {
+  const { sup, tmp, wanted, duration, rounds, warmup, connections, h2Clients, streams, accessLog, pin, loadCpu, clkTck, nginx } = ctx;
+  const tool: 'wrk' | 'h2load' = scenario === 'http1' ? 'wrk' : 'h2load';
+  const started: Managed[] = [];
+  const start = (name: string, [cmd, args]: [string, string[]], logName: string, cwd?: string): Managed => {
+    const m = sup.start(name, cmd, args, cwd === undefined ? { logPath: join(tmp, logName) } : { logPath: join(tmp, logName), cwd });
+    started.push(m);
+    return m;
+  };
+  log(`=== scenario ${scenario}: ${SCENARIO_TITLES[scenario]}`);
+  try {
+    // --- upstream --------------------------------------------------------
+    // http1, h2: nginx (or node:http) answering HTTP/1.1; for h2 the same
+    // process also answers h2c on a second port (the direct target).
+    // grpc: a node:http2 gRPC upstream.
+    const upstreamPort = await freePort();
+    let upstream: Managed;
+    let upstreamDesc: string;
+    let directUrl: string;
+    let directProbe: (() => Promise<string | null>) | undefined;
+    if (scenario === 'grpc') {
+      upstream = start(
+        'upstream (node:http2 gRPC)',
+        ctx.onLoadCpu(process.execPath, ['--input-type=module', '-e', GRPC_UPSTREAM_SCRIPT, String(upstreamPort)]),
+        'upstream-grpc.out',
+      );
+      const origin = `http://127.0.0.1:${upstreamPort}`;
+      directUrl = `${origin}${GRPC_PATH}`;
+      directProbe = () => probeGrpc(origin, GRPC_PATH, GRPC_REQUEST, GRPC_REPLY, 1000);
+      await waitFor(upstream, `gRPC call ${directUrl}`, 10_000, directProbe);
+      upstreamDesc = 'node:http2 gRPC server (h2c, unary reply + grpc-status 0)';
+    } else {
+      const h2cPort = scenario === 'h2' ? await freePort() : undefined;
+      if (nginx !== undefined) {
+        const conf = join(tmp, `upstream-${scenario}.conf`);
+        writeFileSync(conf, nginxUpstreamConf(tmp, upstreamPort, h2cPort));
+        upstream = start('upstream (nginx)', ctx.onLoadCpu(nginx, ['-p', tmp, '-c', conf, '-g', 'daemon off;']), `upstream-${scenario}.out`);
+        upstreamDesc = 'nginx (return 200)';
+      } else {
+        const extra = h2cPort === undefined ? [] : [String(h2cPort)];
+        upstream = start(
+          'upstream (node:http)',
+          ctx.onLoadCpu(process.execPath, ['--input-type=module', '-e', NODE_UPSTREAM_SCRIPT, String(upstreamPort), ...extra]),
+          `upstream-${scenario}.out`,
+        );
+        upstreamDesc = 'node:http (nginx not installed)';
+      }
+      await waitForHttp(upstream, `http://127.0.0.1:${upstreamPort}/`, 10_000, UPSTREAM_BODY);
+      if (h2cPort === undefined) {
+        directUrl = `http://127.0.0.1:${upstreamPort}/`;
+      } else {
+        const origin = `http://127.0.0.1:${h2cPort}`;
+        directUrl = `${origin}/`;
+        directProbe = () => probeH2Get(origin, '/', UPSTREAM_BODY, 1000);
+        await waitFor(upstream, `h2c GET ${directUrl}`, 10_000, directProbe);
+        upstreamDesc += `: HTTP/1.1 :${upstreamPort} for the proxies, h2c :${h2cPort} for direct (same worker)`;
+      }
+    }
+    log(`${upstream.name} listening on ${directUrl}`);
+
+    const targets: Target[] = [];
+    if (wanted.includes('direct')) targets.push({ name: 'direct', url: directUrl, procs: [upstream], measured: upstream, proxied: false, probe: directProbe });
+    const nginxAccessLog = join(tmp, `nginx-${scenario}-access.log`);
+    const meshgateAccessLog = join(tmp, `meshgate-${scenario}-access.log`);
+    /** The readiness/validity check of a proxy's port: per scenario, what the direct probe checks. */
+    const proxyProbe = (port: number): (() => Promise<string | null>) | undefined => {
+      const origin = `http://127.0.0.1:${port}`;
+      if (scenario === 'grpc') return () => probeGrpc(origin, GRPC_PATH, GRPC_REQUEST, GRPC_REPLY, 1000);
+      if (scenario === 'h2') return () => probeH2Get(origin, '/', UPSTREAM_BODY, 1000);
+      return undefined;
+    };
+    const proxyUrl = (port: number): string => `http://127.0.0.1:${port}${scenario === 'grpc' ? GRPC_PATH : '/'}`;
+    const waitRouting = async (m: Managed, port: number, timeoutMs: number): Promise<void> => {
+      const probe = proxyProbe(port);
+      if (probe === undefined) await waitForHttp(m, proxyUrl(port), timeoutMs, UPSTREAM_BODY);
+      else await waitFor(m, `${scenario === 'grpc' ? 'gRPC call' : 'h2c GET'} ${proxyUrl(port)}`, timeoutMs, probe);
+    };
+
+    // --- nginx proxy -------------------------------------------------------
+    if (wanted.includes('nginx') && nginx !== undefined) {
+      const port = await freePort();
+      const conf = join(tmp, `proxy-${scenario}.conf`);
+      const alog = accessLog ? nginxAccessLog : undefined;
+      writeFileSync(
+        conf,
+        scenario === 'grpc'
+          ? nginxGrpcProxyConf(tmp, port, upstreamPort, h2Clients * streams, alog)
+          : nginxProxyConf(tmp, port, upstreamPort, alog, scenario === 'h2'),
+      );
+      const proxy = start('nginx proxy', ctx.onProxyCpu(nginx, ['-p', tmp, '-c', conf, '-g', 'daemon off;']), `proxy-${scenario}.out`);
+      await waitRouting(proxy, port, 10_000);
+      log(`nginx proxy listening on ${proxyUrl(port)}`);
+      targets.push({ name: 'nginx', url: proxyUrl(port), procs: [upstream, proxy], measured: proxy, proxied: true, probe: proxyProbe(port) });
+    }
+
+    // --- meshgate ----------------------------------------------------------
+    let meshgate: Managed | undefined;
+    if (wanted.includes('meshgate')) {
+      const gatewayPort = await freePort();
+      const adminPort = await freePort();
+      const metricsPort = await freePort();
+      const policiesDir = join(tmp, `policies-${scenario}`);
+      mkdirSync(policiesDir);
+      const proto: MeshgateProtocols =
+        scenario === 'grpc'
+          ? { listener: 'GRPC', upstream: 'GRPC' }
+          : scenario === 'h2'
+            ? { listener: 'HTTP2', upstream: 'HTTP' }
+            : { listener: 'HTTP', upstream: 'HTTP' };
+      writeFileSync(join(policiesDir, 'bench.yaml'), meshgatePolicies(gatewayPort, upstreamPort, proto));
+      const args = [
+        ctx.gatewayCli,
+        'gateway',
+        '--policies',
+        policiesDir,
+        '--bind-address',
+        '127.0.0.1',
+        '--admin-port',
+        String(adminPort),
+        '--metrics-port',
+        String(metricsPort),
+        '--access-log',
+        accessLog ? meshgateAccessLog : 'off',
+      ];
+      meshgate = start('meshgate', ctx.onProxyCpu(process.execPath, args), `meshgate-${scenario}.out`, REPO_ROOT);
+      const t0 = Date.now();
+      await waitForHttp(meshgate, `http://127.0.0.1:${adminPort}/ready`, READY_TIMEOUT_MS);
+      log(`meshgate ready after ${((Date.now() - t0) / 1000).toFixed(1)} s (admin :${adminPort}; Gateway ${proto.listener}, ServiceEntry ${proto.upstream})`);
+      // Ready must mean routable: the route has to answer with the upstream's body (gRPC: reply + grpc-status 0).
+      await waitRouting(meshgate, gatewayPort, 5000);
+      log(`meshgate routing ${proxyUrl(gatewayPort)} -> ${upstreamDesc.split(':')[0]} :${upstreamPort}`);
+      targets.push({
+        name: 'meshgate',
+        url: proxyUrl(gatewayPort),
+        procs: [upstream, meshgate],
+        measured: meshgate,
+        proxied: true,
+        probe: proxyProbe(gatewayPort),
+      });
+    }
+
+    /** Probe every target once (h2, grpc), e.g. before and after load: null when all answer correctly. */
+    const probes: Record<string, Record<string, string>> = {};
+    const probeAll = async (when: string): Promise<string[]> => {
+      const bad: string[] = [];
+      probes[when] = {};
+      for (const t of targets) {
+        if (t.probe === undefined) continue;
+        let why: string | null;
+        try {
+          why = await t.probe();
+        } catch (err) {
+          why = (err as Error).message;
+        }
+        (probes[when] as Record<string, string>)[t.name] = why ?? 'ok';
+        if (why !== null) bad.push(`${t.name}: ${why}`);
+      }
+      return bad;
+    };
+    const badBefore = await probeAll('beforeLoad');
+    if (badBefore.length > 0) throw new BenchError(`probe before load failed (${scenario}): ${badBefore.join('; ')}`);
+    if (scenario !== 'http1' && targets.length > 0) {
+      log(
+        `probe ok via ${targets.map((t) => t.name).join(', ')}: ${scenario === 'grpc' ? 'HTTP/2 200, application/grpc, expected reply, grpc-status 0' : 'h2c 200 with the upstream body'}`,
+      );
+    }
+
+    // --- load --------------------------------------------------------------
+    let dataFile: string | undefined;
+    if (scenario === 'grpc') {
+      dataFile = join(tmp, 'grpc-request.bin');
+      writeFileSync(dataFile, GRPC_REQUEST);
+    }
+    const loadArgs = (t: Target, seconds: number): [string, string[]] => {
+      if (tool === 'wrk') return ctx.onLoadCpu(ctx.wrk as string, ['-t1', `-c${connections}`, `-d${seconds}s`, '--timeout', '5s', '--latency', t.url]);
+      const grpcArgs = dataFile === undefined ? [] : ['-d', dataFile, '-H', 'content-type: application/grpc', '-H', 'te: trailers'];
+      return ctx.onLoadCpu(ctx.h2load as string, [
+        '-t',
+        '1',
+        '-c',
+        String(h2Clients),
+        '-m',
+        String(streams),
+        '-D',
+        String(seconds),
+        '-N',
+        '5s',
+        ...grpcArgs,
+        t.url,
+      ]);
+    };
+    const toolCmd =
+      tool === 'wrk'
+        ? `wrk -t1 -c${connections} -d${duration}s --timeout 5s --latency`
+        : `h2load -t1 -c${h2Clients} -m${streams} -D${duration} -N5s${scenario === 'grpc' ? ` -d <${GRPC_REQUEST.length}-byte message> -H 'content-type: application/grpc' -H 'te: trailers'` : ''}`;
+    const ncpu = cpus().length || 1;
+    /** Requests completed per target, warm-up included (to compare with access-log lines). */
+    const sent = new Map<TargetName, number>();
+    const runLoad = async (t: Target, seconds: number, label: string): Promise<RunResult> => {
+      for (const p of t.procs) if (p.exitInfo !== undefined) failProcess(p, `before ${label} of ${t.name}`);
+      const [cmd, args] = loadArgs(t, seconds);
+      // Sample CPU accounting inside the steady part of the run (skip connect and wind-down).
+      let before: CpuSample | undefined;
+      let after: CpuSample | undefined;
+      const timers: NodeJS.Timeout[] = [];
+      const sample = () => sampleCpu(sup.pgids(), new Set([process.pid]), pin ? Number(loadCpu) : undefined);
+      const onStart = () => {
+        if (seconds < 2) return;
+        timers.push(setTimeout(() => (before = sample()), 500));
+        timers.push(setTimeout(() => (after = sample()), seconds * 1000 - 300));
+      };
+      // CPU time of the process under test (and the upstream) over the whole run:
+      // both are idle outside it, so this is the work for the tool's requests.
+      const measuredPgid = t.measured.child.pid ?? -1;
+      const upstreamPgid = upstream.child.pid ?? -1;
+      const groups = new Set([measuredPgid, upstreamPgid]);
+      const ticksBefore = groupTicks(groups);
+      let captured: Awaited<ReturnType<typeof runCaptured>>;
+      try {
+        captured = await runCaptured(sup, `${tool} ${t.name}`, cmd, args, (seconds + 20) * 1000, onStart);
+      } finally {
+        for (const tm of timers) clearTimeout(tm);
+      }
+      const { stdout, stderr, exit } = captured;
+      if (exit.code !== 0) {
+        throw new BenchError(`${tool} against ${t.name} failed (${exit.code ?? exit.signal}):\n${stderr}${stdout.slice(-4000)}`);
+      }
+      let figures: (WrkResult | H2loadResult) & LoadFigures;
+      try {
+        if (tool === 'wrk') {
+          const w = parseWrk(stdout);
+          figures = { ...w, errors: errorCount(w) };
+        } else {
+          const h = parseH2load(stdout);
+          figures = { ...h, errors: h2loadErrors(h) };
+        }
+      } catch (err) {
+        throw new BenchError(`${(err as Error).message}; ${tool} said:\n${stdout.slice(-4000)}${stderr}`);
+      }
+      if (figures.requests <= 0) throw new BenchError(`${tool} against ${t.name} completed no requests:\n${stdout.slice(-4000)}${stderr}`);
+      const ticksAfter = groupTicks(groups);
+      for (const p of t.procs) if (p.exitInfo !== undefined) failProcess(p, `during ${label} of ${t.name}`);
+      const cpu = before && after ? foreignCores(before, after, ncpu) : null;
+      const usedS = (pgid: number): number | null => {
+        const a = ticksBefore.get(pgid);
+        const b = ticksAfter.get(pgid);
+        return a === undefined || b === undefined ? null : (b - a) / clkTck;
+      };
+      const perReqUs = (sec: number | null): number | null => (sec === null ? null : (sec * 1e6) / figures.requests);
+      const measuredS = usedS(measuredPgid);
+      const r: RunResult = {
+        ...figures,
+        foreignCores: cpu?.foreign ?? null,
+        benchCores: cpu?.ours ?? null,
+        cpuUsPerReq: perReqUs(measuredS),
+        cpuCores: measuredS === null || figures.elapsedS <= 0 ? null : measuredS / figures.elapsedS,
+        upstreamUsPerReq: t.proxied ? perReqUs(usedS(upstreamPgid)) : null,
+        loadCpuBusy: before && after ? busyFraction(before.cpu, after.cpu) : null,
+      };
+      const other = r.foreignCores === null ? '' : `  other procs ${r.foreignCores.toFixed(2)} cores${r.foreignCores > DISTURBED_CORES ? ' (DISTURBED)' : ''}`;
+      const load = r.loadCpuBusy === null ? '' : `  load CPU ${(r.loadCpuBusy * 100).toFixed(0)}%`;
+      const lat = LATENCY_COLS[tool]
+        .map(([label, key]) => `${label.replace(' ms', '')} ${fmt((r as unknown as Record<string, number>)[key] ?? Number.NaN, 3)} ms`)
+        .join('  ');
+      log(
+        `${scenario} ${label} ${pad(t.name, 8)} ${fmt(r.rps, 0).padStart(7)} rps  ${lat}  ${fmt(r.cpuUsPerReq ?? Number.NaN, 2)} CPU µs/req (${fmt(r.cpuCores ?? Number.NaN, 2)} cores)${load}${other}${r.errors ? `  ERRORS ${r.errors} (${errorDetail(r)})` : ''}`,
+      );
+      sent.set(t.name, (sent.get(t.name) ?? 0) + r.requests);
+      return r;
+    };
+
+    const estimate = targets.length * (warmup + rounds * duration);
+    log(`${scenario}: ${targets.length} targets, warm-up ${warmup} s each, ${rounds} rounds x ${duration} s, ${toolCmd}; ~${estimate} s of load`);
+
+    const warmupErrors: Record<string, number> = {};
+    if (warmup > 0) {
+      for (const t of targets) warmupErrors[t.name] = (await runLoad(t, warmup, 'warm-up')).errors;
+    }
+    const results = new Map<TargetName, RunResult[]>(targets.map((t) => [t.name, []]));
+    for (let r = 0; r < rounds; r++) {
+      // Rotate the starting target each round so no target always runs first/last.
+      for (let i = 0; i < targets.length; i++) {
+        const t = targets[(r + i) % targets.length] as Target;
+        results.get(t.name)?.push(await runLoad(t, duration, `round ${r + 1}/${rounds}`));
+      }
+    }
+    // h2load does not look at gRPC trailers: one more call per target shows the path still answers grpc-status 0.
+    const badAfter = await probeAll('afterLoad');
+
+    // --- report ------------------------------------------------------------
+    const stats = new Map<TargetName, Stats>();
+    /** Median of a per-run measure over the runs where it was measured (NaN if none). */
+    const medianOf = (rs: RunResult[], k: 'cpuUsPerReq' | 'cpuCores' | 'upstreamUsPerReq' | 'loadCpuBusy'): number =>
+      median(rs.map((x) => x[k]).filter((v): v is number => v !== null));
+    const proxiedNames = new Set(targets.filter((t) => t.proxied).map((t) => t.name));
+    for (const [name, rs] of results) {
+      const rpsList = rs.map((x) => x.rps);
+      stats.set(name, {
+        rps: median(rpsList),
+        latency: Object.fromEntries(
+          LATENCY_COLS[tool].map(([, key]) => [key, median(rs.map((x) => (x as unknown as Record<string, number>)[key] ?? Number.NaN))]),
+        ),
+        rpsMin: Math.min(...rpsList),
+        rpsMax: Math.max(...rpsList),
+        requests: rs.reduce((a, x) => a + x.requests, 0),
+        errors: rs.reduce((a, x) => a + x.errors, 0),
+        disturbed: rs.filter((x) => (x.foreignCores ?? 0) > DISTURBED_CORES).length,
+        cpuUsPerReq: medianOf(rs, 'cpuUsPerReq'),
+        cpuCores: medianOf(rs, 'cpuCores'),
+        upstreamUsPerReq: medianOf(rs, 'upstreamUsPerReq'),
+        loadCpuBusy: medianOf(rs, 'loadCpuBusy'),
+        loadSaturated: rs.filter((x) => (x.loadCpuBusy ?? 0) > SATURATED_LOAD).length,
+        rounds: rs,
+      });
+    }
+    const ratio = (a: TargetName, b: TargetName): number | null => {
+      const x = stats.get(a)?.rps;
+      const y = stats.get(b)?.rps;
+      return x !== undefined && y !== undefined && y > 0 ? x / y : null;
+    };
+    const cpuRatio = (a: TargetName, b: TargetName): number | null => {
+      const x = stats.get(a)?.cpuUsPerReq;
+      const y = stats.get(b)?.cpuUsPerReq;
+      return x !== undefined && y !== undefined && Number.isFinite(x) && Number.isFinite(y) && y > 0 ? x / y : null;
+    };
+    const ratios = {
+      'meshgate/nginx': ratio('meshgate', 'nginx'),
+      'meshgate/direct': ratio('meshgate', 'direct'),
+      'nginx/direct': ratio('nginx', 'direct'),
+      /** nginx's CPU µs/req over meshgate's: efficiency, same sense as meshgate/nginx rps (1.0 = parity). */
+      'nginx/meshgate cpuPerRequest': cpuRatio('nginx', 'meshgate'),
+      /** meshgate's CPU µs/req over nginx's: how many times more CPU meshgate spends per request. */
+      'meshgate/nginx cpuPerRequest': cpuRatio('meshgate', 'nginx'),
+    };
+    const totalErrors = [...stats.values()].reduce((a, s) => a + s.errors, 0);
+    const totalWarmupErrors = Object.values(warmupErrors).reduce((a, n) => a + n, 0);
+    const valid = totalErrors === 0 && badAfter.length === 0;
+
+    const out: string[] = [];
+    out.push('');
+    out.push(`== ${scenario}: ${SCENARIO_TITLES[scenario]}`);
+    out.push(`upstream ${upstreamDesc} · load: ${toolCmd}`);
+    if (scenario === 'grpc' && nginx !== undefined && wanted.includes('nginx')) {
+      out.push(`nginx: grpc_pass, one upstream connection per in-flight call (no multiplexing), keepalive ${Math.max(64, h2Clients * streams)}`);
+    }
+    out.push('');
+    const loadCol = `CPU ${pin ? loadCpu : '?'} busy`;
+    const latCols = LATENCY_COLS[tool];
+    const header = `${pad('target', 10)}${pad('rps', 10, true)}${latCols.map(([label]) => pad(label, 10, true)).join('')}${pad('rps min..max', 20, true)}${pad('errors', 9, true)}${pad('CPU µs/req', 13, true)}${pad('CPU cores', 11, true)}${pad(loadCol, 13, true)}`;
+    out.push(header);
+    out.push('-'.repeat(header.length));
+    const pct = (v: number): string => (Number.isFinite(v) ? `${(v * 100).toFixed(0)}%` : 'n/a');
+    for (const t of targets) {
+      const s = stats.get(t.name);
+      if (!s) continue;
+      out.push(
+        `${pad(t.name, 10)}${pad(fmt(s.rps, 0), 10, true)}${latCols.map(([, key]) => pad(fmt(s.latency[key] ?? Number.NaN, 3), 10, true)).join('')}${pad(`${fmt(s.rpsMin, 0)}..${fmt(s.rpsMax, 0)}`, 20, true)}${pad(String(s.errors), 9, true)}${pad(fmt(s.cpuUsPerReq, 2), 13, true)}${pad(fmt(s.cpuCores, 2), 11, true)}${pad(pct(s.loadCpuBusy), 13, true)}`,
+      );
+    }
+    out.push('');
+    if (tool === 'h2load') {
+      out.push('latency: h2load\'s per-request "time for request" (mean, sd, max; h2load gives no percentiles), median over the rounds.');
+    }
+    out.push('CPU µs/req, CPU cores: utime+stime from /proc of the process under test per completed request / per second:');
+    out.push(`  nginx = proxy master+worker, meshgate = the node process (all threads), direct = the upstream itself.`);
+    out.push(
+      pin
+        ? `  direct = what CPU ${loadCpu} (upstream + ${tool} together) can drive: a ceiling of the load side, not of a proxy.`
+        : `  direct = upstream and ${tool} unpinned, sharing the machine: a ceiling of the load side, not of a proxy.`,
+    );
+    const upUs = [...proxiedNames].map((n) => `${n} ${fmt(stats.get(n)?.upstreamUsPerReq ?? Number.NaN, 2)}`).join(', ');
+    if (upUs !== '') out.push(`  upstream CPU µs/req during the proxied runs: ${upUs}`);
+    out.push('');
+    const showRatio = (k: keyof typeof ratios, why: string): void => {
+      const v = ratios[k];
+      out.push(`${pad(`${k} rps`, 24)}${v === null ? 'n/a' : v.toFixed(3)}${v === null ? `  (${why})` : ''}`);
+    };
+    const noNginx = nginx === undefined ? 'nginx not installed: apt-get install -y nginx-light' : 'nginx not in --targets';
+    showRatio('meshgate/nginx', wanted.includes('meshgate') ? noNginx : 'meshgate not in --targets');
+    showRatio('meshgate/direct', 'needs meshgate and direct');
+    showRatio('nginx/direct', noNginx);
+    const eff = ratios['nginx/meshgate cpuPerRequest'];
+    const more = ratios['meshgate/nginx cpuPerRequest'];
+    out.push(
+      `${pad('nginx/meshgate CPU/req', 24)}${eff === null || more === null ? 'n/a  (needs nginx and meshgate)' : `${eff.toFixed(3)}  (meshgate spends ${more.toFixed(2)}× nginx's CPU per request)`}`,
+    );
+    out.push('');
+    const validWhat =
+      tool === 'wrk'
+        ? 'no socket errors and no non-2xx/3xx responses'
+        : `2xx = requests done, no 3xx/4xx/5xx, no failed/errored/timed-out requests${scenario === 'grpc' ? ', grpc-status 0 on the probe calls before and after load' : ''}`;
+    if (valid) {
+      out.push(`valid: ${validWhat} in ${rounds * targets.length} measured runs`);
+    } else {
+      out.push(`INVALID: ${validWhat} did not hold (a bench with errors does not count):`);
+      for (const [name, s] of stats) {
+        if (s.errors > 0) out.push(`  ${name}: ${s.errors} errors in ${s.requests} requests (${s.rounds.map((x) => errorDetail(x)).join('; ')})`);
+      }
+      for (const b of badAfter) out.push(`  probe after load: ${b}`);
+    }
+    if (totalWarmupErrors > 0) out.push(`warning: ${totalWarmupErrors} errors during warm-up`);
+    const noisy: string[] = [];
+    for (const [name, st] of stats) {
+      const spread = st.rps > 0 ? (st.rpsMax - st.rpsMin) / st.rps : 0;
+      if (st.rounds.length > 1 && spread > NOISY_SPREAD) noisy.push(`${name} ${(spread * 100).toFixed(0)}%`);
+    }
+    if (noisy.length > 0) {
+      out.push(`noisy: rps spread (max-min)/median over ${NOISY_SPREAD * 100}% for ${noisy.join(', ')}; rerun on a quiet machine or with more --rounds`);
+    }
+    if (pin) {
+      const sat = [...stats].filter(([name, st]) => proxiedNames.has(name) && st.loadSaturated > 0);
+      const busyList = [...stats]
+        .filter(([name]) => proxiedNames.has(name))
+        .map(([name, st]) => `${name} ${pct(st.loadCpuBusy)}`)
+        .join(', ');
+      if (sat.length > 0) {
+        out.push(
+          `warning: load side saturated: CPU ${loadCpu} (upstream + ${tool}) over ${SATURATED_LOAD * 100}% busy in ${sat.map(([name, st]) => `${name} ${st.loadSaturated}/${st.rounds.length}`).join(', ')} runs` +
+            ` (median ${busyList}). There the load side, not the proxy, limits rps, so rps ratios understate the faster proxy; compare CPU µs/req.`,
+        );
+      } else if (busyList !== '') {
+        out.push(`load side: CPU ${loadCpu} (upstream + ${tool}) not saturated during the proxied runs (median busy ${busyList}); rps reflects the proxies.`);
+      }
+    }
+    const disturbed = [...stats].filter(([, st]) => st.disturbed > 0).map(([name, st]) => `${name} ${st.disturbed}/${st.rounds.length}`);
+    if (disturbed.length > 0) {
+      out.push(
+        `disturbed: other processes used > ${DISTURBED_CORES} cores during runs of ${disturbed.join(', ')}; the numbers are skewed, rerun on a quiet machine`,
+      );
+    }
+
+    // With --access-log: did every request really get logged? (The load tools do not count
+    // requests still in flight when they stop, so a few more lines than requests is normal.)
+    const accessLogLines: Record<string, { lines: number | null; requests: number }> = {};
+    if (accessLog) {
+      const countLines = (path: string): number | null => {
+        try {
+          const buf = readFileSync(path);
+          let n = 0;
+          for (let i = buf.indexOf(10); i !== -1; i = buf.indexOf(10, i + 1)) n++;
+          return n;
+        } catch {
+          return null;
+        }
+      };
+      const files: [TargetName, string][] = [
+        ['nginx', nginxAccessLog],
+        ['meshgate', meshgateAccessLog],
+      ];
+      for (const [name, path] of files) {
+        if (proxiedNames.has(name)) accessLogLines[name] = { lines: countLines(path), requests: sent.get(name) ?? 0 };
+      }
+      const desc = Object.entries(accessLogLines)
+        .map(([name, a]) => `${name} ${a.lines ?? 'no file'} lines for ${a.requests} requests`)
+        .join(', ');
+      out.push(
+        `access log: ${desc} (${tool}-completed requests, warm-up included, plus a few readiness/probe requests; requests in flight at each stop are logged but not counted; nginx may hold up to 64k unflushed)`,
+      );
+    }
+
+    if (meshgate !== undefined) {
+      const mlog = tail(meshgate.logPath, 1_000_000);
+      const lines = mlog.split('\n').filter((l) => l.trim() !== '');
+      const bad = lines.filter((l) => /error|warn|deprecat|exception|"level":\s*[45]\d/i.test(l));
+      out.push(`meshgate output: ${lines.length} lines, ${bad.length} mentioning error/warn`);
+      if (!valid || bad.length > 0) {
+        for (const l of bad.slice(-10)) out.push(`  | ${l.slice(0, 300)}`);
+      }
+    }
+
+    const json = {
+      scenario,
+      valid,
+      tool,
+      load: tool === 'wrk' ? { tool, threads: 1, connections } : { tool, threads: 1, clients: h2Clients, streams, grpc: scenario === 'grpc' },
+      upstream: upstreamDesc,
+      targets: targets.map((t) => t.name),
+      results: Object.fromEntries(
+        [...stats].map(([name, s]) => [
+          name,
+          {
+            rps: s.rps,
+            ...s.latency,
+            rpsMin: s.rpsMin,
+            rpsMax: s.rpsMax,
+            requests: s.requests,
+            errors: s.errors,
+            disturbedRuns: s.disturbed,
+            cpuUsPerReq: Number.isFinite(s.cpuUsPerReq) ? s.cpuUsPerReq : null,
+            cpuCores: Number.isFinite(s.cpuCores) ? s.cpuCores : null,
+            upstreamUsPerReq: Number.isFinite(s.upstreamUsPerReq) ? s.upstreamUsPerReq : null,
+            loadCpuBusy: Number.isFinite(s.loadCpuBusy) ? s.loadCpuBusy : null,
+            loadSaturatedRuns: s.loadSaturated,
+            rounds: s.rounds,
+          },
+        ]),
+      ),
+      ratios,
+      probes: scenario === 'http1' ? null : probes,
+      warmupErrors,
+      accessLogLines: accessLog ? accessLogLines : null,
+      noisy,
+      disturbed,
+    };
+    return { valid, lines: out, json };
+  } finally {
+    // Each scenario leaves nothing running: the next one starts on idle CPUs.
+    await Promise.all([...started].reverse().map((m) => sup.stop(m)));
+  }
+}
+
+/** One run's error counters, spelled out. */
+function errorDetail(r: RunResult): string {
+  if ('socketErrors' in r) {
+    const s = r.socketErrors;
+    return `non-2xx/3xx ${r.non2xx3xx}, socket errors connect ${s.connect} read ${s.read} write ${s.write} timeout ${s.timeout}`;
+  }
+  return `done ${r.requests}, 2xx ${r.status2xx} (unmatched ${statusMismatch(r)}), 3xx ${r.status3xx}, 4xx ${r.status4xx}, 5xx ${r.status5xx}, failed ${r.failed} (errored ${r.errored}, timeout ${r.timeout})`;
 }
 
 async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Promise<number> {
@@ -350,9 +971,16 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
     process.stdout.write(USAGE);
     return 0;
   }
+  const scenarioOpt = values.scenario.trim();
+  if (scenarioOpt !== 'all' && !(SCENARIO_NAMES as readonly string[]).includes(scenarioOpt)) {
+    throw new BenchError(`--scenario must be one of ${SCENARIO_NAMES.join(', ')}, all (got ${JSON.stringify(values.scenario)})`);
+  }
+  const scenarios: ScenarioName[] = scenarioOpt === 'all' ? [...SCENARIO_NAMES] : [scenarioOpt as ScenarioName];
   const duration = intOption('duration', values.duration, 1, 60);
   const rounds = intOption('rounds', values.rounds, 1, 10);
   const connections = intOption('connections', values.connections, 1, 1000);
+  const h2Clients = intOption('h2-clients', values['h2-clients'], 1, 1000);
+  const streams = intOption('streams', values.streams, 1, 100);
   const warmup = intOption('warmup', values.warmup, 0, 30);
   const wanted = values.targets
     .split(',')
@@ -366,16 +994,24 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
   if (wanted.length === 0) throw new BenchError('--targets: empty');
 
   // --- tools -------------------------------------------------------------
-  const wrk = findExecutable('wrk', ['/usr/bin/wrk', '/usr/local/bin/wrk']);
-  if (wrk === undefined) {
+  const needWrk = scenarios.includes('http1');
+  const needH2load = scenarios.some((s) => s !== 'http1');
+  const wrk = needWrk ? findExecutable('wrk', ['/usr/bin/wrk', '/usr/local/bin/wrk']) : undefined;
+  if (needWrk && wrk === undefined) {
     throw new BenchError('wrk not found. Install it with:\n  apt-get install -y wrk');
+  }
+  const h2load = needH2load ? findExecutable('h2load', ['/usr/bin/h2load', '/usr/local/bin/h2load']) : undefined;
+  if (needH2load && h2load === undefined) {
+    throw new BenchError(
+      `h2load not found (needed by --scenario ${scenarios.filter((s) => s !== 'http1').join(',')}). Install it with:\n  apt-get install -y nghttp2-client`,
+    );
   }
   const nginx = findExecutable('nginx', ['/usr/sbin/nginx', '/usr/local/sbin/nginx', '/usr/local/nginx/sbin/nginx']);
   const taskset = findExecutable('taskset', ['/usr/bin/taskset']);
   const cpuList = allowedCpus();
   const pin = !values['no-pin'] && taskset !== undefined && cpuList.length >= 2;
   // The proxy under test gets a core of its own; the upstream shares the
-  // other one with wrk (and this harness), i.e. the load side.
+  // other one with the load generator (and this harness), i.e. the load side.
   const proxyCpu = String(cpuList[0] ?? 0);
   const loadCpu = String(cpuList[1] ?? 1);
   const pinNote = values['no-pin']
@@ -384,7 +1020,7 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
       ? 'off (taskset not found: apt-get install -y util-linux)'
       : cpuList.length < 2
         ? `off (only ${cpuList.length || 'unknown'} CPU allowed)`
-        : `on: proxy under test alone on CPU ${proxyCpu}; upstream + wrk + harness on CPU ${loadCpu} (the load side)`;
+        : `on: proxy under test alone on CPU ${proxyCpu}; upstream + load generator + harness on CPU ${loadCpu} (the load side)`;
   const onProxyCpu = (cmd: string, args: string[]): [string, string[]] => (pin && taskset ? [taskset, ['-c', proxyCpu, cmd, ...args]] : [cmd, args]);
   const onLoadCpu = (cmd: string, args: string[]): [string, string[]] => (pin && taskset ? [taskset, ['-c', loadCpu, cmd, ...args]] : [cmd, args]);
   const accessLog = values['access-log'];
@@ -396,21 +1032,23 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
     // keep the Linux default of 100
   }
 
-  const wantNginx = wanted.includes('nginx');
-  const wantMeshgate = wanted.includes('meshgate');
   if (nginx === undefined) {
-    log('nginx not found: using a node:http upstream; nginx ratios are unavailable.');
+    log('nginx not found: the HTTP upstream is a small node:http server; the nginx target and ratios are unavailable.');
     log('  install nginx with: apt-get install -y nginx-light');
   }
   const gatewayCli = resolve(values['gateway-cli']);
-  if (wantMeshgate && !existsSync(gatewayCli)) {
+  if (wanted.includes('meshgate') && !existsSync(gatewayCli)) {
     throw new BenchError(`meshgate CLI not found at ${gatewayCli} (use --targets direct,nginx to skip it)`);
   }
 
-  const wrkVersion = (await runCaptured(sup, 'wrk --version', wrk, ['--version'], 5000)).stdout
-    .split('\n')[0]
-    ?.replace(/\s*Copyright.*$/, '')
-    .trim();
+  const wrkVersion =
+    wrk === undefined
+      ? undefined
+      : (await runCaptured(sup, 'wrk --version', wrk, ['--version'], 5000)).stdout
+          .split('\n')[0]
+          ?.replace(/\s*Copyright.*$/, '')
+          .trim();
+  const h2loadVersion = h2load === undefined ? undefined : (await runCaptured(sup, 'h2load --version', h2load, ['--version'], 5000)).stdout.trim();
   const nginxVersion =
     nginx === undefined ? undefined : (await runCaptured(sup, 'nginx -v', nginx, ['-v'], 5000)).stderr.trim().replace(/^nginx version:\s*/, '');
 
@@ -432,207 +1070,30 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
   // nginx workers drop to an unprivileged user when run as root; let them traverse.
   chmodSync(tmp, 0o755);
 
-  // --- upstream ----------------------------------------------------------
-  const upstreamPort = await freePort();
-  let upstream: Managed;
-  if (nginx !== undefined) {
-    const conf = join(tmp, 'upstream.conf');
-    writeFileSync(conf, nginxUpstreamConf(tmp, upstreamPort));
-    const [cmd, args] = onLoadCpu(nginx, ['-p', tmp, '-c', conf, '-g', 'daemon off;']);
-    upstream = sup.start('upstream (nginx)', cmd, args, { logPath: join(tmp, 'upstream.out') });
-  } else {
-    const [cmd, args] = onLoadCpu(process.execPath, ['--input-type=module', '-e', NODE_UPSTREAM_SCRIPT, String(upstreamPort)]);
-    upstream = sup.start('upstream (node:http)', cmd, args, { logPath: join(tmp, 'upstream.out') });
-  }
-  const directUrl = `http://127.0.0.1:${upstreamPort}/`;
-  await waitForHttp(upstream, directUrl, 10_000, UPSTREAM_BODY);
-  log(`${upstream.name} listening on ${directUrl}`);
-
-  const targets: Target[] = [];
-  if (wanted.includes('direct')) targets.push({ name: 'direct', url: directUrl, procs: [upstream], measured: upstream, proxied: false });
-  const nginxAccessLog = join(tmp, 'nginx-access.log');
-  const meshgateAccessLog = join(tmp, 'meshgate-access.log');
-
-  // --- nginx reverse proxy ------------------------------------------------
-  if (wantNginx && nginx !== undefined) {
-    const port = await freePort();
-    const conf = join(tmp, 'proxy.conf');
-    writeFileSync(conf, nginxProxyConf(tmp, port, upstreamPort, accessLog ? nginxAccessLog : undefined));
-    const [cmd, args] = onProxyCpu(nginx, ['-p', tmp, '-c', conf, '-g', 'daemon off;']);
-    const proxy = sup.start('nginx proxy', cmd, args, { logPath: join(tmp, 'proxy.out') });
-    const url = `http://127.0.0.1:${port}/`;
-    await waitForHttp(proxy, url, 10_000, UPSTREAM_BODY);
-    log(`nginx proxy listening on ${url}`);
-    targets.push({ name: 'nginx', url, procs: [upstream, proxy], measured: proxy, proxied: true });
-  }
-
-  // --- meshgate ----------------------------------------------------------
-  let meshgate: Managed | undefined;
-  if (wantMeshgate) {
-    const gatewayPort = await freePort();
-    const adminPort = await freePort();
-    const metricsPort = await freePort();
-    const policiesDir = join(tmp, 'policies');
-    mkdirSync(policiesDir);
-    writeFileSync(join(policiesDir, 'bench.yaml'), meshgatePolicies(gatewayPort, upstreamPort));
-    const [cmd, args] = onProxyCpu(process.execPath, [
-      gatewayCli,
-      'gateway',
-      '--policies',
-      policiesDir,
-      '--bind-address',
-      '127.0.0.1',
-      '--admin-port',
-      String(adminPort),
-      '--metrics-port',
-      String(metricsPort),
-      '--access-log',
-      accessLog ? meshgateAccessLog : 'off',
-    ]);
-    meshgate = sup.start('meshgate', cmd, args, { cwd: REPO_ROOT, logPath: join(tmp, 'meshgate.out') });
-    const started = Date.now();
-    await waitForHttp(meshgate, `http://127.0.0.1:${adminPort}/ready`, READY_TIMEOUT_MS);
-    log(`meshgate ready after ${((Date.now() - started) / 1000).toFixed(1)} s (admin :${adminPort})`);
-    const url = `http://127.0.0.1:${gatewayPort}/`;
-    // Ready must mean routable: the route has to answer with the upstream's body.
-    await waitForHttp(meshgate, url, 5000, UPSTREAM_BODY);
-    log(`meshgate routing ${url} -> ${directUrl}`);
-    targets.push({ name: 'meshgate', url, procs: [upstream, meshgate], measured: meshgate, proxied: true });
-  }
-
-  // --- load --------------------------------------------------------------
-  const ncpu = cpus().length || 1;
-  /** Requests wrk completed per target, warm-up included (to compare with access-log lines). */
-  const sent = new Map<TargetName, number>();
-  const runWrk = async (t: Target, seconds: number, label: string): Promise<RunResult> => {
-    for (const p of t.procs) if (p.exitInfo !== undefined) failProcess(p, `before ${label} of ${t.name}`);
-    const [cmd, args] = onLoadCpu(wrk, ['-t1', `-c${connections}`, `-d${seconds}s`, '--timeout', '5s', '--latency', t.url]);
-    // Sample CPU accounting inside the steady part of the run (skip connect and wind-down).
-    let before: CpuSample | undefined;
-    let after: CpuSample | undefined;
-    const timers: NodeJS.Timeout[] = [];
-    const sample = () => sampleCpu(sup.pgids(), new Set([process.pid]), pin ? Number(loadCpu) : undefined);
-    const onStart = () => {
-      if (seconds < 2) return;
-      timers.push(setTimeout(() => (before = sample()), 500));
-      timers.push(setTimeout(() => (after = sample()), seconds * 1000 - 300));
-    };
-    // CPU time of the process under test (and the upstream) over the whole run:
-    // both are idle outside it, so this is the work for wrk's requests.
-    const measuredPgid = t.measured.child.pid ?? -1;
-    const upstreamPgid = upstream.child.pid ?? -1;
-    const groups = new Set([measuredPgid, upstreamPgid]);
-    const ticksBefore = groupTicks(groups);
-    let captured: Awaited<ReturnType<typeof runCaptured>>;
-    try {
-      captured = await runCaptured(sup, `wrk ${t.name}`, cmd, args, (seconds + 20) * 1000, onStart);
-    } finally {
-      for (const tm of timers) clearTimeout(tm);
-    }
-    const { stdout, stderr, exit } = captured;
-    if (exit.code !== 0) {
-      throw new BenchError(`wrk against ${t.name} failed (${exit.code ?? exit.signal}):\n${stderr}${stdout}`);
-    }
-    let w: WrkResult;
-    try {
-      w = parseWrk(stdout);
-    } catch (err) {
-      throw new BenchError(`${(err as Error).message}; wrk said:\n${stdout}${stderr}`);
-    }
-    const ticksAfter = groupTicks(groups);
-    for (const p of t.procs) if (p.exitInfo !== undefined) failProcess(p, `during ${label} of ${t.name}`);
-    const cpu = before && after ? foreignCores(before, after, ncpu) : null;
-    const usedS = (pgid: number): number | null => {
-      const a = ticksBefore.get(pgid);
-      const b = ticksAfter.get(pgid);
-      return a === undefined || b === undefined ? null : (b - a) / clkTck;
-    };
-    const perReqUs = (sec: number | null): number | null => (sec === null || w.requests <= 0 ? null : (sec * 1e6) / w.requests);
-    const measuredS = usedS(measuredPgid);
-    const r: RunResult = {
-      ...w,
-      foreignCores: cpu?.foreign ?? null,
-      benchCores: cpu?.ours ?? null,
-      cpuUsPerReq: perReqUs(measuredS),
-      cpuCores: measuredS === null || w.elapsedS <= 0 ? null : measuredS / w.elapsedS,
-      upstreamUsPerReq: t.proxied ? perReqUs(usedS(upstreamPgid)) : null,
-      loadCpuBusy: before && after ? busyFraction(before.cpu, after.cpu) : null,
-    };
-    const errs = errorCount(r);
-    const other = r.foreignCores === null ? '' : `  other procs ${r.foreignCores.toFixed(2)} cores${r.foreignCores > DISTURBED_CORES ? ' (DISTURBED)' : ''}`;
-    const load = r.loadCpuBusy === null ? '' : `  load CPU ${(r.loadCpuBusy * 100).toFixed(0)}%`;
-    log(
-      `${label} ${pad(t.name, 8)} ${fmt(r.rps, 0).padStart(7)} rps  p50 ${fmt(r.p50Ms, 3)} ms  p99 ${fmt(r.p99Ms, 3)} ms  ${fmt(r.cpuUsPerReq ?? Number.NaN, 2)} CPU µs/req (${fmt(r.cpuCores ?? Number.NaN, 2)} cores)${load}${other}${errs ? `  ERRORS ${errs} (non-2xx/3xx ${r.non2xx3xx})` : ''}`,
-    );
-    sent.set(t.name, (sent.get(t.name) ?? 0) + r.requests);
-    return r;
+  const ctx: Ctx = {
+    sup,
+    tmp,
+    wanted,
+    duration,
+    rounds,
+    warmup,
+    connections,
+    h2Clients,
+    streams,
+    accessLog,
+    pin,
+    loadCpu,
+    clkTck,
+    wrk,
+    h2load,
+    nginx,
+    gatewayCli,
+    onProxyCpu,
+    onLoadCpu,
   };
-
-  const estimate = targets.length * (warmup + rounds * duration);
-  log(`${targets.length} targets, warm-up ${warmup} s each, ${rounds} rounds x ${duration} s, ${connections} connections; ~${estimate} s of load`);
-
-  const warmupErrors: Record<string, number> = {};
-  if (warmup > 0) {
-    for (const t of targets) warmupErrors[t.name] = errorCount(await runWrk(t, warmup, 'warm-up'));
-  }
-  const results = new Map<TargetName, RunResult[]>(targets.map((t) => [t.name, []]));
-  for (let r = 0; r < rounds; r++) {
-    // Rotate the starting target each round so no target always runs first/last.
-    for (let i = 0; i < targets.length; i++) {
-      const t = targets[(r + i) % targets.length] as Target;
-      results.get(t.name)?.push(await runWrk(t, duration, `round ${r + 1}/${rounds}`));
-    }
-  }
-
-  // --- report ------------------------------------------------------------
-  const stats = new Map<TargetName, Stats>();
-  /** Median of a per-run measure over the runs where it was measured (NaN if none). */
-  const medianOf = (rs: RunResult[], k: 'cpuUsPerReq' | 'cpuCores' | 'upstreamUsPerReq' | 'loadCpuBusy'): number =>
-    median(rs.map((x) => x[k]).filter((v): v is number => v !== null));
-  const proxiedNames = new Set(targets.filter((t) => t.proxied).map((t) => t.name));
-  for (const [name, rs] of results) {
-    const rpsList = rs.map((x) => x.rps);
-    stats.set(name, {
-      rps: median(rpsList),
-      p50Ms: median(rs.map((x) => x.p50Ms)),
-      p99Ms: median(rs.map((x) => x.p99Ms)),
-      rpsMin: Math.min(...rpsList),
-      rpsMax: Math.max(...rpsList),
-      requests: rs.reduce((a, x) => a + x.requests, 0),
-      errors: rs.reduce((a, x) => a + errorCount(x), 0),
-      non2xx3xx: rs.reduce((a, x) => a + x.non2xx3xx, 0),
-      socketErrors: rs.reduce((a, x) => a + errorCount(x) - x.non2xx3xx, 0),
-      disturbed: rs.filter((x) => (x.foreignCores ?? 0) > DISTURBED_CORES).length,
-      cpuUsPerReq: medianOf(rs, 'cpuUsPerReq'),
-      cpuCores: medianOf(rs, 'cpuCores'),
-      upstreamUsPerReq: medianOf(rs, 'upstreamUsPerReq'),
-      loadCpuBusy: medianOf(rs, 'loadCpuBusy'),
-      loadSaturated: rs.filter((x) => (x.loadCpuBusy ?? 0) > SATURATED_LOAD).length,
-      rounds: rs,
-    });
-  }
-  const ratio = (a: TargetName, b: TargetName): number | null => {
-    const x = stats.get(a)?.rps;
-    const y = stats.get(b)?.rps;
-    return x !== undefined && y !== undefined && y > 0 ? x / y : null;
-  };
-  const cpuRatio = (a: TargetName, b: TargetName): number | null => {
-    const x = stats.get(a)?.cpuUsPerReq;
-    const y = stats.get(b)?.cpuUsPerReq;
-    return x !== undefined && y !== undefined && Number.isFinite(x) && Number.isFinite(y) && y > 0 ? x / y : null;
-  };
-  const ratios = {
-    'meshgate/nginx': ratio('meshgate', 'nginx'),
-    'meshgate/direct': ratio('meshgate', 'direct'),
-    'nginx/direct': ratio('nginx', 'direct'),
-    /** nginx's CPU µs/req over meshgate's: efficiency, same sense as meshgate/nginx rps (1.0 = parity). */
-    'nginx/meshgate cpuPerRequest': cpuRatio('nginx', 'meshgate'),
-    /** meshgate's CPU µs/req over nginx's: how many times more CPU meshgate spends per request. */
-    'meshgate/nginx cpuPerRequest': cpuRatio('meshgate', 'nginx'),
-  };
-  const totalErrors = [...stats.values()].reduce((a, s) => a + s.errors, 0);
-  const totalWarmupErrors = Object.values(warmupErrors).reduce((a, n) => a + n, 0);
-  const valid = totalErrors === 0;
+  const reports = new Map<ScenarioName, ScenarioReport>();
+  for (const s of scenarios) reports.set(s, await runScenario(ctx, s));
+  const valid = [...reports.values()].every((r) => r.valid);
 
   const cpuModel = cpus()[0]?.model ?? 'unknown';
   const machine = {
@@ -646,171 +1107,43 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
     proxyCpu: pin ? Number(proxyCpu) : null,
     loadCpu: pin ? Number(loadCpu) : null,
     clkTck,
-    upstream: nginx !== undefined ? 'nginx' : 'node:http',
     nginx: nginxVersion ?? null,
     wrk: wrkVersion ?? null,
+    h2load: h2loadVersion ?? null,
   };
 
   const out: string[] = [];
   out.push('');
-  out.push('meshgate bench — GET / → 6-byte body, HTTP/1.1 keep-alive, loopback');
+  out.push(`meshgate bench — scenario${scenarios.length > 1 ? 's' : ''} ${scenarios.join(', ')} · loopback`);
   out.push(
     `node ${machine.node} · nproc ${machine.nproc} (${machine.cpus} CPUs: ${cpuModel}) · kernel ${machine.kernel} · CPU ${(busyAtStart * 100).toFixed(0)}% busy before start`,
   );
-  out.push(`upstream ${machine.upstream} · ${nginxVersion ?? 'nginx n/a'} · ${wrkVersion ?? 'wrk'}`);
+  out.push([nginxVersion ?? 'nginx n/a', wrkVersion, h2loadVersion].filter((x) => x !== undefined).join(' · '));
   out.push(`pinning ${pinNote}`);
   out.push(
-    `wrk -t1 -c${connections} -d${duration}s · ${rounds} rounds (rotated order) after ${warmup} s warm-up · access log ${accessLog ? 'ON (nginx: combined buffer=64k; meshgate: JSON lines; files in the temp dir)' : 'off'} · medians below`,
+    `${rounds} rounds (rotated order) of ${duration} s per target after ${warmup} s warm-up · access log ${accessLog ? 'ON (nginx: combined buffer=64k; meshgate: JSON lines; files in the temp dir)' : 'off'} · medians below`,
   );
-  out.push('');
-  const loadCol = `CPU ${pin ? loadCpu : '?'} busy`;
-  const header = `${pad('target', 10)}${pad('rps', 10, true)}${pad('p50 ms', 10, true)}${pad('p99 ms', 10, true)}${pad('rps min..max', 20, true)}${pad('errors', 9, true)}${pad('CPU µs/req', 13, true)}${pad('CPU cores', 11, true)}${pad(loadCol, 13, true)}`;
-  out.push(header);
-  out.push('-'.repeat(header.length));
-  const pct = (v: number): string => (Number.isFinite(v) ? `${(v * 100).toFixed(0)}%` : 'n/a');
-  for (const t of targets) {
-    const s = stats.get(t.name);
-    if (!s) continue;
-    out.push(
-      `${pad(t.name, 10)}${pad(fmt(s.rps, 0), 10, true)}${pad(fmt(s.p50Ms, 3), 10, true)}${pad(fmt(s.p99Ms, 3), 10, true)}${pad(`${fmt(s.rpsMin, 0)}..${fmt(s.rpsMax, 0)}`, 20, true)}${pad(String(s.errors), 9, true)}${pad(fmt(s.cpuUsPerReq, 2), 13, true)}${pad(fmt(s.cpuCores, 2), 11, true)}${pad(pct(s.loadCpuBusy), 13, true)}`,
-    );
-  }
-  out.push('');
-  out.push('CPU µs/req, CPU cores: utime+stime from /proc of the process under test per completed request / per second:');
-  out.push('  nginx = proxy master+worker, meshgate = the node process (all threads), direct = the upstream itself.');
-  out.push(
-    pin
-      ? `  direct = what CPU ${loadCpu} (upstream + wrk together) can drive: a ceiling of the load side, not of a proxy.`
-      : '  direct = upstream and wrk unpinned, sharing the machine: a ceiling of the load side, not of a proxy.',
-  );
-  const upUs = [...proxiedNames].map((n) => `${n} ${fmt(stats.get(n)?.upstreamUsPerReq ?? Number.NaN, 2)}`).join(', ');
-  if (upUs !== '') out.push(`  upstream CPU µs/req during the proxied runs: ${upUs}`);
-  out.push('');
-  const showRatio = (k: keyof typeof ratios, why: string): void => {
-    const v = ratios[k];
-    out.push(`${pad(`${k} rps`, 24)}${v === null ? 'n/a' : v.toFixed(3)}${v === null ? `  (${why})` : ''}`);
-  };
-  const noNginx = nginx === undefined ? 'nginx not installed: apt-get install -y nginx-light' : 'nginx not in --targets';
-  showRatio('meshgate/nginx', wantMeshgate ? noNginx : 'meshgate not in --targets');
-  showRatio('meshgate/direct', 'needs meshgate and direct');
-  showRatio('nginx/direct', noNginx);
-  const eff = ratios['nginx/meshgate cpuPerRequest'];
-  const more = ratios['meshgate/nginx cpuPerRequest'];
-  out.push(
-    `${pad('nginx/meshgate CPU/req', 24)}${eff === null || more === null ? 'n/a  (needs nginx and meshgate)' : `${eff.toFixed(3)}  (meshgate spends ${more.toFixed(2)}× nginx's CPU per request)`}`,
-  );
-  out.push('');
-  if (valid) {
-    out.push(`valid: no socket errors and no non-2xx/3xx responses in ${rounds * targets.length} measured runs`);
-  } else {
-    out.push('INVALID: errors during measured runs (a bench with errors does not count):');
-    for (const [name, s] of stats) {
-      if (s.errors > 0) {
-        out.push(`  ${name}: non-2xx/3xx ${s.non2xx3xx}, socket errors ${s.socketErrors} of ${s.requests} requests`);
-      }
-    }
-  }
-  if (totalWarmupErrors > 0) out.push(`warning: ${totalWarmupErrors} errors during warm-up`);
-  const noisy: string[] = [];
-  for (const [name, st] of stats) {
-    const spread = st.rps > 0 ? (st.rpsMax - st.rpsMin) / st.rps : 0;
-    if (st.rounds.length > 1 && spread > NOISY_SPREAD) noisy.push(`${name} ${(spread * 100).toFixed(0)}%`);
-  }
-  if (noisy.length > 0) {
-    out.push(`noisy: rps spread (max-min)/median over ${NOISY_SPREAD * 100}% for ${noisy.join(', ')}; rerun on a quiet machine or with more --rounds`);
-  }
-  if (pin) {
-    const sat = [...stats].filter(([name, st]) => proxiedNames.has(name) && st.loadSaturated > 0);
-    const busyList = [...stats]
-      .filter(([name]) => proxiedNames.has(name))
-      .map(([name, st]) => `${name} ${pct(st.loadCpuBusy)}`)
-      .join(', ');
-    if (sat.length > 0) {
-      out.push(
-        `warning: load side saturated: CPU ${loadCpu} (upstream + wrk) over ${SATURATED_LOAD * 100}% busy in ${sat.map(([name, st]) => `${name} ${st.loadSaturated}/${st.rounds.length}`).join(', ')} runs` +
-          ` (median ${busyList}). There the load side, not the proxy, limits rps, so rps ratios understate the faster proxy; compare CPU µs/req.`,
-      );
-    } else if (busyList !== '') {
-      out.push(`load side: CPU ${loadCpu} (upstream + wrk) not saturated during the proxied runs (median busy ${busyList}); rps reflects the proxies.`);
-    }
-  }
-  const disturbed = [...stats].filter(([, st]) => st.disturbed > 0).map(([name, st]) => `${name} ${st.disturbed}/${st.rounds.length}`);
-  if (disturbed.length > 0) {
-    out.push(
-      `disturbed: other processes used > ${DISTURBED_CORES} cores during runs of ${disturbed.join(', ')}; the numbers are skewed, rerun on a quiet machine`,
-    );
-  }
-
-  // With --access-log: did every request really get logged? (wrk does not count
-  // requests still in flight when it stops, so a few more lines than requests is normal.)
-  const accessLogLines: Record<string, { lines: number | null; requests: number }> = {};
-  if (accessLog) {
-    const countLines = (path: string): number | null => {
-      try {
-        const buf = readFileSync(path);
-        let n = 0;
-        for (let i = buf.indexOf(10); i !== -1; i = buf.indexOf(10, i + 1)) n++;
-        return n;
-      } catch {
-        return null;
-      }
-    };
-    const files: [TargetName, string][] = [
-      ['nginx', nginxAccessLog],
-      ['meshgate', meshgateAccessLog],
-    ];
-    for (const [name, path] of files) {
-      if (proxiedNames.has(name)) accessLogLines[name] = { lines: countLines(path), requests: sent.get(name) ?? 0 };
-    }
-    const desc = Object.entries(accessLogLines)
-      .map(([name, a]) => `${name} ${a.lines ?? 'no file'} lines for ${a.requests} requests`)
-      .join(', ');
-    out.push(`access log: ${desc} (wrk-completed, warm-up included; nginx may hold up to 64k unflushed)`);
-  }
-
-  if (meshgate !== undefined) {
-    const mlog = tail(meshgate.logPath, 1_000_000);
-    const lines = mlog.split('\n').filter((l) => l.trim() !== '');
-    const bad = lines.filter((l) => /error|warn|deprecat|exception|"level":\s*[45]\d/i.test(l));
-    out.push(`meshgate output: ${lines.length} lines, ${bad.length} mentioning error/warn`);
-    if (!valid || bad.length > 0) {
-      for (const l of bad.slice(-10)) out.push(`  | ${l.slice(0, 300)}`);
-    }
+  for (const r of reports.values()) out.push(...r.lines);
+  if (scenarios.length > 1) {
+    out.push('');
+    out.push(`overall: ${valid ? 'valid' : 'INVALID'} (${[...reports].map(([s, r]) => `${s} ${r.valid ? 'valid' : 'INVALID'}`).join(', ')})`);
   }
 
   const json = {
-    schema: 'meshgate-bench/2',
+    schema: 'meshgate-bench/3',
     valid,
     machine,
-    config: { duration, rounds, connections, warmup, wrkThreads: 1, accessLog, targets: targets.map((t) => t.name) },
-    results: Object.fromEntries(
-      [...stats].map(([name, s]) => [
-        name,
-        {
-          rps: s.rps,
-          p50Ms: s.p50Ms,
-          p99Ms: s.p99Ms,
-          rpsMin: s.rpsMin,
-          rpsMax: s.rpsMax,
-          requests: s.requests,
-          errors: s.errors,
-          non2xx3xx: s.non2xx3xx,
-          socketErrors: s.socketErrors,
-          disturbedRuns: s.disturbed,
-          cpuUsPerReq: Number.isFinite(s.cpuUsPerReq) ? s.cpuUsPerReq : null,
-          cpuCores: Number.isFinite(s.cpuCores) ? s.cpuCores : null,
-          upstreamUsPerReq: Number.isFinite(s.upstreamUsPerReq) ? s.upstreamUsPerReq : null,
-          loadCpuBusy: Number.isFinite(s.loadCpuBusy) ? s.loadCpuBusy : null,
-          loadSaturatedRuns: s.loadSaturated,
-          rounds: s.rounds,
-        },
-      ]),
-    ),
-    ratios,
-    warmupErrors,
-    accessLogLines: accessLog ? accessLogLines : null,
-    noisy,
-    disturbed,
+    config: {
+      scenarios,
+      duration,
+      rounds,
+      warmup,
+      accessLog,
+      targets: wanted,
+      wrk: { threads: 1, connections },
+      h2load: { threads: 1, clients: h2Clients, streams },
+    },
+    scenarios: Object.fromEntries([...reports].map(([s, r]) => [s, r.json])),
   };
   // Round non-integers to 3 decimals (ms to the microsecond, rps to 0.001).
   const round3 = (_k: string, v: unknown): unknown => (typeof v === 'number' && !Number.isInteger(v) ? Math.round(v * 1000) / 1000 : v);

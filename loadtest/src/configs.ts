@@ -30,37 +30,42 @@ ${http}
 `;
 }
 
-/** nginx answering every request with 200 "hello\n" (6 bytes). */
-export function nginxUpstreamConf(tmp: string, port: number): string {
-  return nginxMain(
-    tmp,
-    'upstream',
-    `    server {
-        listen 127.0.0.1:${port};
+/**
+ * nginx answering every request with 200 "hello\n" (6 bytes) over HTTP/1.1 on
+ * `port` and, with `h2cPort`, the same over cleartext HTTP/2 (prior knowledge)
+ * on that port too (the h2 scenario's direct target). One worker serves both.
+ */
+export function nginxUpstreamConf(tmp: string, port: number, h2cPort?: number): string {
+  const server = (listen: string): string => `    server {
+        listen ${listen};
         location / {
             default_type text/plain;
             return 200 "hello\\n";
         }
-    }`,
-  );
+    }`;
+  const servers = [server(`127.0.0.1:${port}`)];
+  if (h2cPort !== undefined) servers.push(server(`127.0.0.1:${h2cPort} http2`));
+  return nginxMain(tmp, 'upstream', servers.join('\n'));
 }
 
 /**
- * nginx reverse proxy with a keep-alive pool to the upstream. With `accessLog`
+ * nginx reverse proxy with a keep-alive pool to the HTTP/1.1 upstream. With
+ * `h2c` the client side is cleartext HTTP/2 (`listen PORT http2;`, nginx 1.22
+ * syntax) and the upstream side stays HTTP/1.1, as at an edge. With `accessLog`
  * (a file path) it logs every request there, buffered as a production nginx
  * usually is; otherwise access logging stays off.
  */
-export function nginxProxyConf(tmp: string, port: number, upstreamPort: number, accessLog?: string): string {
+export function nginxProxyConf(tmp: string, port: number, upstreamPort: number, accessLog?: string, h2c = false): string {
   return nginxMain(
     tmp,
-    'proxy',
+    h2c ? 'proxy-h2' : 'proxy',
     `    upstream bench_upstream {
         server 127.0.0.1:${upstreamPort};
         keepalive 64;
         keepalive_requests 1000000;
     }
     server {
-        listen 127.0.0.1:${port};
+        listen 127.0.0.1:${port}${h2c ? ' http2' : ''};
 ${accessLog === undefined ? '' : `        access_log ${accessLog} combined buffer=64k;\n`}        location / {
             proxy_pass http://bench_upstream;
             proxy_http_version 1.1;
@@ -70,30 +75,116 @@ ${accessLog === undefined ? '' : `        access_log ${accessLog} combined buffe
   );
 }
 
-/** Fallback upstream when nginx is missing: `node --input-type=module -e <this> <port>`. */
+/**
+ * nginx as a gRPC proxy: h2c from the client, `grpc_pass` (h2c) to the gRPC
+ * upstream. nginx's grpc module runs one request per upstream connection (no
+ * multiplexing), so the keep-alive pool is sized to the load's concurrent
+ * streams (`keepalive`, at least 64) to avoid a connect per request.
+ */
+export function nginxGrpcProxyConf(tmp: string, port: number, upstreamPort: number, keepalive: number, accessLog?: string): string {
+  return nginxMain(
+    tmp,
+    'proxy-grpc',
+    `    upstream bench_grpc {
+        server 127.0.0.1:${upstreamPort};
+        keepalive ${Math.max(64, keepalive)};
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:${port} http2;
+${accessLog === undefined ? '' : `        access_log ${accessLog} combined buffer=64k;\n`}        location / {
+            grpc_pass grpc://bench_grpc;
+        }
+    }`,
+  );
+}
+
+/**
+ * Fallback upstream when nginx is missing: `node --input-type=module -e <this> <port> [h2cPort]`.
+ * With a second port it also answers over cleartext HTTP/2 there (node:http2).
+ */
 export const NODE_UPSTREAM_SCRIPT = `
 import { createServer } from "node:http";
+import { createServer as createH2cServer } from "node:http2";
 const body = Buffer.from(${JSON.stringify(UPSTREAM_BODY)});
 const port = Number(process.argv[1]);
-const server = createServer((req, res) => {
+const handler = (req, res) => {
   req.resume();
   res.writeHead(200, { "content-type": "text/plain", "content-length": body.length });
   res.end(body);
-});
+};
+const server = createServer(handler);
 server.keepAliveTimeout = 75_000;
+server.listen(port, "127.0.0.1");
+if (process.argv[2] !== undefined) createH2cServer(handler).listen(Number(process.argv[2]), "127.0.0.1");
+for (const sig of ["SIGTERM", "SIGINT"]) process.on(sig, () => process.exit(0));
+`;
+
+/** gRPC method the grpc scenario calls (any path is answered alike). */
+export const GRPC_PATH = '/bench.Echo/Say';
+
+/** One gRPC message: 5-byte prefix (uncompressed flag 0, big-endian length) + protobuf `{1: text}`. */
+export function grpcFrame(text: string): Buffer {
+  const s = Buffer.from(text);
+  const pb = Buffer.concat([Buffer.from([0x0a, s.length]), s]);
+  const prefix = Buffer.alloc(5);
+  prefix.writeUInt32BE(pb.length, 1);
+  return Buffer.concat([prefix, pb]);
+}
+
+/** The request message the load generator posts and the reply the gRPC upstream sends. */
+export const GRPC_REQUEST = grpcFrame('world');
+export const GRPC_REPLY = grpcFrame('hello');
+
+/**
+ * gRPC upstream without @grpc/grpc-js: a node:http2 h2c server that answers
+ * every POST, once the request body has ended, as a unary call does: `:status 200`,
+ * `content-type: application/grpc`, one length-prefixed message, trailers
+ * `grpc-status: 0`. Anything else gets 405.
+ * `node --input-type=module -e <this> <port>`.
+ */
+export const GRPC_UPSTREAM_SCRIPT = `
+import { createServer } from "node:http2";
+const reply = Buffer.from(${JSON.stringify([...GRPC_REPLY])});
+const port = Number(process.argv[1]);
+const server = createServer();
+server.on("sessionError", () => {});
+server.on("stream", (stream, headers) => {
+  stream.on("error", () => {});
+  if (headers[":method"] !== "POST") {
+    stream.respond({ ":status": 405 }, { endStream: true });
+    return;
+  }
+  stream.on("data", () => {});
+  stream.on("end", () => {
+    if (stream.destroyed) return;
+    stream.respond({ ":status": 200, "content-type": "application/grpc" }, { waitForTrailers: true });
+    stream.once("wantTrailers", () => stream.sendTrailers({ "grpc-status": "0" }));
+    stream.end(reply);
+  });
+});
 server.listen(port, "127.0.0.1");
 for (const sig of ["SIGTERM", "SIGINT"]) process.on(sig, () => process.exit(0));
 `;
 
+export interface MeshgateProtocols {
+  /** Gateway server port protocol: HTTP (HTTP/1.1), HTTP2 (h2c) or GRPC (h2c). */
+  listener: 'HTTP' | 'HTTP2' | 'GRPC';
+  /** ServiceEntry port protocol: HTTP (HTTP/1.1 upstream) or GRPC (HTTP/2 upstream). */
+  upstream: 'HTTP' | 'GRPC';
+}
+
 /** The Istio-style policy set meshgate is benchmarked with: one plain route. */
-export function meshgatePolicies(gatewayPort: number, upstreamPort: number): string {
+export function meshgatePolicies(gatewayPort: number, upstreamPort: number, proto: MeshgateProtocols = { listener: 'HTTP', upstream: 'HTTP' }): string {
+  const lname = proto.listener.toLowerCase();
+  const uname = proto.upstream.toLowerCase();
   return `apiVersion: networking.istio.io/v1
 kind: Gateway
 metadata: { name: bench-gateway }
 spec:
   selector: { istio: ingressgateway }
   servers:
-  - port: { number: ${gatewayPort}, name: http, protocol: HTTP }
+  - port: { number: ${gatewayPort}, name: ${lname}, protocol: ${proto.listener} }
     hosts: ["*"]
 ---
 apiVersion: networking.istio.io/v1
@@ -114,7 +205,7 @@ spec:
   hosts: [upstream.bench]
   location: MESH_INTERNAL
   resolution: STATIC
-  ports: [{ number: 8000, name: http, protocol: HTTP }]
-  endpoints: [{ address: 127.0.0.1, ports: { http: ${upstreamPort} } }]
+  ports: [{ number: 8000, name: ${uname}, protocol: ${proto.upstream} }]
+  endpoints: [{ address: 127.0.0.1, ports: { ${uname}: ${upstreamPort} } }]
 `;
 }
