@@ -202,8 +202,8 @@ export class Gateway {
   }
 
   #watch(): void {
-    const trigger = () => {
-      if (this.#closed) return;
+    const trigger = (_event: string, filename: string | Buffer | null) => {
+      if (this.#closed || !policyChange(filename)) return;
       clearTimeout(this.#debounce);
       this.#debounce = setTimeout(() => {
         this.reload().catch((err: unknown) => this.logger.error({ err }, 'reload failed'));
@@ -234,6 +234,19 @@ export class Gateway {
     this.engine.close();
     await this.#pools.closeAll();
   }
+}
+
+/**
+ * Does a change to this file name concern the policies? Other files in the folder (logs, editor
+ * swap files) do not trigger reloads; names without an extension do, and so do Kubernetes
+ * ConfigMap mounts, which swap a `..data` symlink.
+ */
+function policyChange(filename: string | Buffer | null): boolean {
+  if (filename === null) return true;
+  const base = String(filename).split('/').pop() ?? '';
+  if (base.startsWith('..')) return true;
+  const ext = /\.([A-Za-z0-9]+)$/.exec(base);
+  return ext === null || /^ya?ml$/i.test(ext[1] as string);
 }
 
 /** Without a sink given, access-log lines go to the process log (as `{"type":"access",...}` records). */
