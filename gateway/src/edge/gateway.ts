@@ -241,7 +241,7 @@ export class Gateway {
  * swap files) do not trigger reloads; names without an extension do, and so do Kubernetes
  * ConfigMap mounts, which swap a `..data` symlink.
  */
-function policyChange(filename: string | Buffer | null): boolean {
+export function policyChange(filename: string | Buffer | null): boolean {
   if (filename === null) return true;
   const base = String(filename).split('/').pop() ?? '';
   if (base.startsWith('..')) return true;
