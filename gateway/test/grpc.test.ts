@@ -1,6 +1,8 @@
 import assert from 'node:assert/strict';
+import { writeFile } from 'node:fs/promises';
 import http2 from 'node:http2';
 import type { AddressInfo } from 'node:net';
+import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import { counterValue, freePort, poll, request, useGateway } from './helpers.ts';
@@ -149,6 +151,17 @@ spec:
     route: [{destination: {host: echo.svc}}]
 `;
 
+/** An unrelated VirtualService: adding it changes the configuration without touching the gRPC routes. */
+const EXTRA_ROUTE = `apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: extra}
+spec:
+  hosts: [extra.test.local]
+  gateways: [edge]
+  http:
+  - directResponse: {status: 204}
+`;
+
 function unary(c: Client, req: Msg, md = new grpc.Metadata(), opts: grpc.CallOptions = {}) {
   return new Promise<{ res?: Msg; err?: grpc.ServiceError; headers: grpc.Metadata; trailers: grpc.Metadata }>((resolve) => {
     let headers = new grpc.Metadata();
@@ -266,6 +279,26 @@ describe('gRPC through the gateway (h2c listener, HTTP/2 upstream)', () => {
     call.write({ text: 'first' });
     assert.equal((await done).code, grpc.status.OK);
     assert.deepEqual(got, ['FIRST', 'SECOND']);
+  });
+
+  test('an open bidi stream survives a config reload that keeps its route', async () => {
+    const call = c().bidi();
+    const got: string[] = [];
+    const done = new Promise<grpc.StatusObject>((resolve) => call.on('status', resolve));
+    const next = () => new Promise<void>((r) => call.once('data', () => r()));
+    call.on('data', (m: Msg) => got.push(m.text));
+    call.write({ text: 'before' });
+    await next();
+    const before = fx.gw.engine.snapshot?.version;
+    await writeFile(join(fx.dir, 'extra.yaml'), EXTRA_ROUTE);
+    const result = await fx.gw.reload();
+    assert.equal(result.result, 'applied');
+    assert.notEqual(fx.gw.engine.snapshot?.version, before);
+    call.write({ text: 'after' });
+    await next();
+    call.end();
+    assert.equal((await done).code, grpc.status.OK);
+    assert.deepEqual(got, ['BEFORE', 'AFTER']);
   });
 
   test('client cancellation reaches the upstream (RST_STREAM CANCEL)', async () => {
