@@ -147,11 +147,8 @@ export async function writeYaml(dir: string, file: string, text: string): Promis
   return p;
 }
 
-/** A Gateway resource (selector istio=ingressgateway) with one HTTP server per port. */
-export function gatewayYaml(name: string, hosts: readonly string[], ports: readonly number[] = [8080]): string {
-  const servers = ports
-    .map((p) => `  - port: {number: ${p}, name: http-${p}, protocol: HTTP}\n    hosts: [${hosts.map((h) => JSON.stringify(h)).join(', ')}]`)
-    .join('\n');
+/** A Gateway resource (selector istio=ingressgateway) around a YAML list of servers. */
+export function gatewayDoc(name: string, servers: string): string {
   return `apiVersion: networking.istio.io/v1
 kind: Gateway
 metadata:
@@ -162,6 +159,14 @@ spec:
   servers:
 ${servers}
 `;
+}
+
+/** A Gateway resource (selector istio=ingressgateway) with one HTTP server per port. */
+export function gatewayYaml(name: string, hosts: readonly string[], ports: readonly number[] = [8080]): string {
+  const servers = ports
+    .map((p) => `  - port: {number: ${p}, name: http-${p}, protocol: HTTP}\n    hosts: [${hosts.map((h) => JSON.stringify(h)).join(', ')}]`)
+    .join('\n');
+  return gatewayDoc(name, servers);
 }
 
 export interface EndpointSpec {
@@ -483,16 +488,7 @@ export function l4GatewayYaml(protocol: 'TCP' | 'TLS', ports: readonly number[],
         (protocol === 'TLS' ? '\n    tls: {mode: PASSTHROUGH}' : ''),
     )
     .join('\n');
-  return `apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata:
-  name: edge
-spec:
-  selector:
-    istio: ingressgateway
-  servers:
-${servers}
-`;
+  return gatewayDoc('edge', servers);
 }
 
 export interface TcpExchange {

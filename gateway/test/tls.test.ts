@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { request as httpsRequest } from 'node:https';
 import { describe, test } from 'node:test';
 import { connect, type PeerCertificate } from 'node:tls';
-import { useGateway } from './helpers.ts';
+import { gatewayDoc, useGateway } from './helpers.ts';
 import { makePki, type Pki } from './pki.ts';
 
 const NAMES = ['a.test.local', 'b.test.local'] as const;
@@ -18,16 +18,7 @@ function gatewayTls(pki: Pki): string {
       serverCertificate: ${JSON.stringify(leaf.certFile)}
       privateKey: ${JSON.stringify(leaf.keyFile)}`;
   }).join('\n');
-  return `apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata:
-  name: edge
-spec:
-  selector:
-    istio: ingressgateway
-  servers:
-${servers}
-`;
+  return gatewayDoc('edge', servers);
 }
 
 const VS = `apiVersion: networking.istio.io/v1
