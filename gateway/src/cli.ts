@@ -22,7 +22,8 @@ Usage:
       --ws-max-payload BYTES        largest WebSocket message; larger closes with 1009 (default 16777216)
       --ws-idle-timeout DURATION_MS close a WebSocket idle this long with 1001 (default 3600000)
       --drain-timeout MS            a WebSocket whose route a reload removed closes after this (default 30000)
-  meshgate validate PATH…  validate policy folders/files; exit 0 if valid, 1 with every error
+  meshgate validate PATH… [--label k=v…]  validate policy folders/files for a gateway with these labels;
+                           exit 0 if valid, 1 with every error
   meshgate help
 `;
 
@@ -46,14 +47,14 @@ async function main(argv: string[]): Promise<number> {
 }
 
 function validate(args: string[]): number {
-  const { positionals } = parseArgs({ args, allowPositionals: true, options: { label: { type: 'string', multiple: true } } });
+  const { positionals, values } = parseArgs({ args, allowPositionals: true, options: { label: { type: 'string', multiple: true } } });
   if (positionals.length === 0) {
     process.stderr.write('meshgate validate: name at least one policy folder or file\n');
     return 2;
   }
   const load = loadPolicies(positionals);
   // The same code path as the gateway: load, then compile for the default gateway labels.
-  const result = compile(load, { gatewayLabels: { istio: 'ingressgateway' } });
+  const result = compile(load, { gatewayLabels: parseLabels(values.label) });
   const diags = result.ok ? result.config.diagnostics : result.diagnostics;
   for (const d of diags) process.stderr.write(`${formatDiagnostic(d)}\n`);
   const errors = diags.filter((d) => d.severity === 'error').length;
@@ -71,6 +72,17 @@ function positive(flag: string, v: string | undefined): number | undefined {
   const n = Number(v);
   if (!/^\d+$/.test(v) || !Number.isSafeInteger(n) || n <= 0) throw new GatewayError(GatewayErrorCode.USAGE, `${flag} wants a positive integer, got "${v}"`);
   return n;
+}
+
+/** --label k=v flags (default istio=ingressgateway, Istio's ingress gateway label). */
+function parseLabels(flags: readonly string[] | undefined): Record<string, string> {
+  const labels: Record<string, string> = {};
+  for (const l of flags ?? ['istio=ingressgateway']) {
+    const eq = l.indexOf('=');
+    if (eq <= 0) throw new GatewayError(GatewayErrorCode.USAGE, `--label wants k=v, got "${l}"`);
+    labels[l.slice(0, eq)] = l.slice(eq + 1);
+  }
+  return labels;
 }
 
 function port(flag: string, v: string | undefined, dflt: number): number {
@@ -98,12 +110,7 @@ async function gateway(args: string[]): Promise<number> {
     },
   });
   if (values.policies === undefined || values.policies.length === 0) throw new GatewayError(GatewayErrorCode.USAGE, 'gateway needs --policies DIR');
-  const labels: Record<string, string> = {};
-  for (const l of values.label ?? ['istio=ingressgateway']) {
-    const eq = l.indexOf('=');
-    if (eq <= 0) throw new GatewayError(GatewayErrorCode.USAGE, `--label wants k=v, got "${l}"`);
-    labels[l.slice(0, eq)] = l.slice(eq + 1);
-  }
+  const labels = parseLabels(values.label);
   const portMap = new Map<number, number>();
   for (const m of values['port-map'] ?? []) {
     const [from, to] = m.split('=');
@@ -149,7 +156,7 @@ async function gateway(args: string[]): Promise<number> {
   logger.info({ ports: gw.ports }, 'meshgate gateway started');
   process.on('SIGHUP', () => {
     logger.info('SIGHUP: reloading policies');
-    void gw.reload();
+    gw.reload().catch((err: unknown) => logger.error({ err }, 'reload failed'));
   });
   await new Promise<void>((resolve) => {
     const stop = (sig: string) => {

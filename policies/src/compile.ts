@@ -783,9 +783,12 @@ function retryPolicy(r: HttpRoute['retries']): RetryPolicy {
     } else if (GRPC_CODES[t] !== undefined) grpc.add(GRPC_CODES[t]);
     else flags.add(t);
   }
-  if (flags.has('retriable-status-codes') && statuses.size === 0) for (const s of DEFAULT_RETRY_STATUSES) statuses.add(s);
+  // Istio: the default policy retries 503 under retriable-status-codes; a retryOn the user writes
+  // carries its own codes (none listed: none retried).
+  if (r?.retryOn === undefined) for (const s of DEFAULT_RETRY_STATUSES) statuses.add(s);
   return {
-    attempts: r === undefined ? 2 : (r.attempts ?? 2),
+    // Istio (ConvertPolicy): no retries block = the default policy; a block with attempts unset or 0 = retries off.
+    attempts: r === undefined ? 2 : (r.attempts ?? 0),
     perTryTimeoutMs: r?.perTryTimeout === undefined || r.perTryTimeout === 0 ? undefined : r.perTryTimeout,
     on5xx: flags.has('5xx'),
     onGatewayError: flags.has('gateway-error'),

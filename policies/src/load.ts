@@ -44,10 +44,24 @@ export function listPolicyFiles(paths: readonly string[]): { files: string[]; di
       return;
     }
     if (st.isDirectory()) {
-      for (const name of readdirSync(p).sort()) {
+      let names: string[];
+      try {
+        names = readdirSync(p).sort();
+      } catch (err) {
+        diagnostics.push(ioError(p, err));
+        return;
+      }
+      for (const name of names) {
         if (name.startsWith('.')) continue;
         const child = join(p, name);
-        if (YAML_FILE.test(name) || statSync(child).isDirectory()) walk(child);
+        // Non-YAML entries that vanish or dangle (editor temp files, broken links) are not ours to report.
+        let dir = false;
+        try {
+          dir = !YAML_FILE.test(name) && statSync(child).isDirectory();
+        } catch {
+          continue;
+        }
+        if (YAML_FILE.test(name) || dir) walk(child);
       }
     } else files.push(p);
   };
@@ -178,6 +192,11 @@ function reportIssue(issue: z.core.$ZodIssue, base: readonly PropertyKey[], ref:
   if (issue.code === 'custom') {
     const code = (issue.params as { code?: Diagnostic['code'] } | undefined)?.code ?? PolicyErrorCode.INVALID_VALUE;
     report(code, path, issue.message, ref, code === PolicyErrorCode.UNSUPPORTED_FIELD);
+    return;
+  }
+  if (issue.code === 'invalid_key') {
+    // A map key (a header name, ...) that fails its own rule: point at the key, say why.
+    report(PolicyErrorCode.INVALID_VALUE, path, `key "${String(path[path.length - 1])}": ${issue.issues[0]?.message ?? issue.message}`, ref, true);
     return;
   }
   if (issue.code === 'invalid_type' && issue.message.endsWith('received undefined')) {

@@ -227,6 +227,52 @@ spec:
     });
   });
 
+  test('regexes with nested quantifiers are refused (catastrophic backtracking in JavaScript)', () => {
+    const r = loadPolicyText('redos.yaml', regexVs('/(a+)+$'));
+    expectDiag(r.diagnostics, {
+      code: PolicyErrorCode.INVALID_VALUE,
+      file: 'redos.yaml',
+      line: 11,
+      col: 16,
+      resource: VS,
+      path: 'spec.http[0].match[0].uri.regex',
+      message: /backtrack/,
+    });
+  });
+
+  test('header operations: no control characters in values, no connection-specific or gateway-managed names', () => {
+    const r = loadPolicyText(
+      'hdr.yaml',
+      vs(`  hosts: [a.example.com]
+  http:
+  - headers:
+      request:
+        set: {x-a: "a\\r\\nx-injected: 1"}
+      response:
+        add: {connection: close}
+    route: [{destination: {host: x}}]
+`),
+    );
+    expectDiag(r.diagnostics, {
+      code: PolicyErrorCode.INVALID_VALUE,
+      file: 'hdr.yaml',
+      line: 11,
+      col: 20,
+      resource: VS,
+      path: 'spec.http[0].headers.request.set.x-a',
+      message: /control characters/,
+    });
+    expectDiag(r.diagnostics, {
+      code: PolicyErrorCode.INVALID_VALUE,
+      file: 'hdr.yaml',
+      line: 13,
+      col: 15,
+      resource: VS,
+      path: 'spec.http[0].headers.response.add.connection',
+      message: /connection-specific/,
+    });
+  });
+
   test('look-around and back-references are not RE2', () => {
     for (const re of ['/(?!admin).*', '/(?<=a)b', '/(a)\\1']) {
       const r = loadPolicyText('re2.yaml', regexVs(re));

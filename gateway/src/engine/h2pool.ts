@@ -195,10 +195,12 @@ export class H2Clients {
   readonly #clients = new Map<string, H2Client>();
 
   get(origin: string, connectTimeoutMs: number, idleTimeoutMs: number): H2Client {
-    let c = this.#clients.get(origin);
+    // Keyed by settings too: a DestinationRule change takes effect on the next request.
+    const key = `${origin}|${connectTimeoutMs}|${idleTimeoutMs}`;
+    let c = this.#clients.get(key);
     if (c === undefined) {
       c = new H2Client(origin, connectTimeoutMs, idleTimeoutMs);
-      this.#clients.set(origin, c);
+      this.#clients.set(key, c);
     }
     return c;
   }

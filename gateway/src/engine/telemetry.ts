@@ -28,6 +28,8 @@ type LabelName = (typeof LABELS)[number];
 export const ISTIO_LABELS: readonly LabelName[] = LABELS;
 type Labels = Record<LabelName, string>;
 
+const GRPC_CODE = /^(?:[0-9]|1[0-6])$/;
+
 /** Istio's default buckets for istio_request_duration_milliseconds. */
 const DURATION_BUCKETS = [0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000, 1800000, 3600000];
 const BYTES_BUCKETS = [1, 10, 100, 1000, 10000, 100000, 1000000, 10000000];
@@ -148,6 +150,9 @@ export class MetricSlot {
 
   /** One request; `grpcStatus` is the grpc-status of a gRPC call ('' otherwise). */
   record(code: number, flags: string, durationMs: number, requestBytes: number, responseBytes: number, grpcStatus = ''): void {
+    // grpc-status comes from upstreams: only gRPC's 17 codes become label values (anything else is
+    // UNKNOWN), so an upstream cannot grow the series without bound.
+    if (grpcStatus !== '' && !GRPC_CODE.test(grpcStatus)) grpcStatus = '2';
     const key = flags === '-' && grpcStatus === '' ? code : `${code}${flags}|${grpcStatus}`;
     let s = this.#series.get(key);
     if (s === undefined) {

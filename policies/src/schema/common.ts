@@ -1,3 +1,4 @@
+import safeRegex from 'safe-regex2';
 import * as z from 'zod';
 import { parseDuration } from '../duration.ts';
 import { PolicyErrorCode } from '../errors.ts';
@@ -27,6 +28,8 @@ export const duration = z
   .meta({ description: 'Duration, e.g. "5s", "0.5s", "250ms", "1m".' });
 
 const RE2_ONLY = /\(\?<?[=!]|\\[1-9]/;
+// RE2 (Istio's engine) runs in linear time; JavaScript's backtracks. A pattern with nested
+// quantifiers could stall the event loop on a crafted path or header, so it is refused.
 /** A regular expression as Istio (RE2) accepts it: anchored full match, no look-around or back-references. */
 export const regex = z.string().superRefine((src, ctx) => {
   if (RE2_ONLY.test(src)) {
@@ -37,7 +40,10 @@ export const regex = z.string().superRefine((src, ctx) => {
     new RegExp(src, 'u');
   } catch (err) {
     ctx.addIssue({ code: 'custom', message: `invalid regex: ${(err as Error).message}` });
+    return;
   }
+  if (!safeRegex(src))
+    ctx.addIssue({ code: 'custom', message: 'nested quantifiers can backtrack catastrophically in JavaScript (RE2 would not); rewrite without them' });
 });
 
 /** Istio's StringMatch: exactly one of exact, prefix, regex. */
@@ -77,6 +83,27 @@ export const port = z.int().min(1).max(65535);
 const HEADER_NAME = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 /** An HTTP header name (RFC 9110 token); matched case-insensitively. */
 export const headerName = z.string().regex(HEADER_NAME, 'not a valid HTTP header name');
+
+/** Headers a route may not set, add or remove: connection-specific (RFC 9110 §7.6.1, RFC 9113 §8.2.2), Host (use rewrite.authority), HTTP/2 pseudo-headers. */
+const RESERVED_HEADERS = new Set([
+  'connection',
+  'keep-alive',
+  'proxy-connection',
+  'transfer-encoding',
+  'upgrade',
+  'te',
+  'http2-settings',
+  'host',
+  'content-length',
+  'trailer',
+]);
+/** A header name a route's `headers` operations may touch. */
+export const mutableHeaderName = headerName.refine(
+  (n) => !RESERVED_HEADERS.has(n.toLowerCase()),
+  'this header is connection-specific or managed by the gateway (use rewrite.authority for Host)',
+);
+/** A header value: visible characters, spaces and tabs only (RFC 9110 §5.5); no CR, LF or NUL. */
+export const headerValue = z.string().regex(/^[\t\x20-\x7e\x80-\xff]*$/, 'header values may not contain control characters (CR, LF, NUL, …)');
 
 const DNS_LABEL = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
 export const metadata = z.looseObject({

@@ -1,5 +1,18 @@
 import * as z from 'zod';
-import { duration, headerName, hostName, percent, port, presenceOrStringMatch, protocol, regex, stringMatch, unsupported } from './common.ts';
+import {
+  duration,
+  headerName,
+  headerValue,
+  hostName,
+  mutableHeaderName,
+  percent,
+  port,
+  presenceOrStringMatch,
+  protocol,
+  regex,
+  stringMatch,
+  unsupported,
+} from './common.ts';
 
 const ISSUE_PROTOCOLS = 'not implemented by meshgate';
 const GATEWAY_PROTOCOLS = new Set(['HTTP', 'HTTPS', 'HTTP2', 'GRPC', 'TCP', 'TLS']);
@@ -94,9 +107,9 @@ export type GatewayServer = z.output<typeof gatewayServer>;
 // VirtualService
 
 const headerOps = z.strictObject({
-  set: z.record(headerName, z.string()).optional().describe('Overwrite these headers.'),
-  add: z.record(headerName, z.string()).optional().describe('Append these headers.'),
-  remove: z.array(headerName).optional().describe('Remove these headers.'),
+  set: z.record(mutableHeaderName, headerValue).optional().describe('Overwrite these headers.'),
+  add: z.record(mutableHeaderName, headerValue).optional().describe('Append these headers.'),
+  remove: z.array(mutableHeaderName).optional().describe('Remove these headers.'),
 });
 export const headers = z.strictObject({
   request: headerOps.optional(),

@@ -31,6 +31,8 @@ export function corsFilter(c: CompiledCors): HttpFilter {
     onResponseHeaders(x, headers) {
       if (x.corsOrigin === undefined) return;
       headers['access-control-allow-origin'] = x.corsOrigin;
+      // The answer depends on Origin: shared caches must not reuse it for another origin.
+      headers.vary = headers.vary === undefined ? 'origin' : `${headers.vary}, origin`;
       if (c.allowCredentials) headers['access-control-allow-credentials'] = 'true';
       if (c.exposeHeaders !== undefined) headers['access-control-expose-headers'] = c.exposeHeaders;
     },
