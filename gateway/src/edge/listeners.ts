@@ -1,5 +1,5 @@
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
-import type { Http2ServerRequest } from 'node:http2';
+import type { Http2ServerRequest, Http2ServerResponse } from 'node:http2';
 import type { AddressInfo, Socket } from 'node:net';
 import type { SecureContext } from 'node:tls';
 import type { ListenerProtocol } from '@meshgate/policies';
@@ -186,7 +186,10 @@ export class ListenerManager {
     const handler = (request: { raw: IncomingMessage }, reply: { hijack(): void; raw: ServerResponse }) => {
       reply.hijack();
       const req = request.raw;
-      if (req.httpVersionMajor !== 2) {
+      // Tell HTTP/2 by its stream, not by httpVersionMajor: the HTTP/1 parser accepts a request line
+      // saying "HTTP/2.0", and such a request has no stream (it crashed the process here).
+      const stream = (req as unknown as Partial<Http2ServerRequest>).stream;
+      if (stream === undefined) {
         engine.handle(name, scheme, req, reply.raw);
         return;
       }
@@ -194,7 +197,7 @@ export class ListenerManager {
       // that follow in the same read, so a rapid-reset flood would reach the upstream in full.
       // Dispatching after the read (as Envoy defers streams per I/O cycle) drops those already reset.
       setImmediate(() => {
-        if (!(req as unknown as Http2ServerRequest).stream.destroyed) engine.handle(name, scheme, req, reply.raw);
+        if (!stream.destroyed) engine.handle(name, scheme, req, reply.raw);
       });
     };
     app.all('/*', handler);
@@ -204,6 +207,16 @@ export class ListenerManager {
     // Only WebSocket upgrades leave HTTP handling; any other Upgrade (h2c, …) is served as plain HTTP/1.1.
     server.shouldUpgradeCallback = (req) => /(^|,)\s*websocket\s*(,|$)/i.test(String(req.headers.upgrade ?? ''));
     server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => engine.upgrade(name, scheme, req, socket, head));
+    // CONNECT is not served on ingress listeners (tunnels come with the egress gateway). Without a
+    // listener Node drops an HTTP/1.1 CONNECT silently; answer 405 (as Node does on HTTP/2) and close.
+    server.on('connect', (_req: IncomingMessage, s: Socket | Http2ServerResponse) => {
+      if ('writeHead' in s) {
+        s.writeHead(405, { 'content-length': '0' }).end();
+        return;
+      }
+      s.on('error', () => {});
+      s.end('HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 0\r\nconnection: close\r\n\r\n');
+    });
     try {
       await app.listen({ host, port });
     } catch (err) {

@@ -3,10 +3,13 @@ const UNRESERVED = /^[A-Za-z0-9\-._~]$/;
 /**
  * RFC 3986 path normalization as Envoy's `normalize_path` (Istio's BASE path normalization) does it:
  * percent-encoded unreserved characters are decoded, other escapes upper-cased, dot segments removed.
- * Returns undefined for a path that cannot be normalized (escapes out of the root, bad escapes).
- * Most paths need none of this and come back untouched without allocating.
+ * `..` segments above the root are dropped (RFC 3986 §5.2.4). Returns undefined for a path that must
+ * be refused: bad escapes, `%00`, and a raw backslash (not a URI character, RFC 3986 §2; upstreams
+ * that read it as `/` would see a path the route did not match). Most paths need none of this and
+ * come back untouched without allocating.
  */
 export function normalizePath(path: string): string | undefined {
+  if (path.indexOf('\\') >= 0) return undefined;
   if (path.indexOf('%') < 0 && path.indexOf('/.') < 0) return path;
   let decoded = path;
   if (path.indexOf('%') >= 0) {
@@ -18,7 +21,7 @@ export function normalizePath(path: string): string | undefined {
         continue;
       }
       const hex = path.slice(i + 1, i + 3);
-      if (!/^[0-9A-Fa-f]{2}$/.test(hex)) return undefined;
+      if (!/^[0-9A-Fa-f]{2}$/.test(hex) || hex === '00') return undefined;
       const ch = String.fromCharCode(Number.parseInt(hex, 16));
       out += UNRESERVED.test(ch) ? ch : `%${hex.toUpperCase()}`;
       i += 2;

@@ -189,20 +189,31 @@ export class Engine {
     const h = x.headers;
     const rid = h['x-request-id'];
     x.requestId = validRequestId(rid) ? rid : this.#hex.uuid();
+    const req = x.req;
+    if ((req as unknown as { stream?: ServerHttp2Stream }).stream === undefined) {
+      const framing = http1Framing(req);
+      if (framing !== undefined) return framing;
+    }
     // HTTP/2 carries the authority in a pseudo-header; HTTP/1.1 in Host.
-    const authority = (h[':authority'] as string | undefined) ?? h.host;
-    if (authority === undefined || authority === '') return { status: 400, details: 'invalid_request' };
+    const pseudo = h[':authority'] as string | undefined;
+    let authority = pseudo ?? h.host;
+    // RFC 9113 §8.3.1: a Host naming another entity than :authority makes the request malformed.
+    if (pseudo !== undefined && h.host !== undefined && h.host.toLowerCase() !== pseudo.toLowerCase()) return { status: 400, details: 'invalid_request' };
+    let url = req.url ?? '/';
+    if (url.charCodeAt(0) !== 47 /* / */) {
+      // RFC 9112 §3.2.2: a server accepts the absolute form; its authority is the target host and
+      // the Host header is ignored, so routing and the upstream's Host follow the target.
+      const abs = absoluteForm(url);
+      if (abs === undefined) return { status: 400, details: 'invalid_request' };
+      url = abs.path;
+      authority = abs.authority;
+    }
+    // RFC 9112 §3.2: an invalid Host (empty, userinfo, bad port, stray characters) is a 400.
+    if (authority === undefined || !AUTHORITY.test(authority)) return { status: 400, details: 'invalid_request' };
     x.authority = authority;
     x.host = hostOnly(authority);
     const ct = h['content-type'];
     x.grpc = ct?.startsWith('application/grpc') === true;
-    let url = x.req.url ?? '/';
-    if (url.charCodeAt(0) !== 47 /* / */) {
-      // RFC 9112 §3.2.2: a server accepts the absolute form; its authority is the target host.
-      const abs = absoluteForm(url);
-      if (abs === undefined) return { status: 400, details: 'invalid_request' };
-      url = abs;
-    }
     const q = url.indexOf('?');
     const path = normalizePath(q < 0 ? url : url.slice(0, q));
     if (path === undefined) return { status: 400, details: 'invalid_request' };
@@ -280,6 +291,9 @@ export class Engine {
     if (x.grpc) return this.#grpcReply(x, r);
     const body = r.body ?? LOCAL_BODIES[r.details];
     const headers: OutgoingHttpHeaders = { ...r.headers };
+    // RFC 9112 §9.6: after a malformed HTTP/1.1 request the framing of what follows is not to be
+    // trusted (and an unread body would be parsed as the next request): close the connection.
+    if (r.details === 'invalid_request' && (res as unknown as { stream?: ServerHttp2Stream }).stream === undefined) headers.connection = 'close';
     if (body !== undefined && body.length > 0) {
       headers['content-type'] = 'text/plain';
       headers['content-length'] = Buffer.byteLength(body);
@@ -671,14 +685,50 @@ function hostOnly(authority: string): string {
   return h.endsWith('.') ? h.slice(0, -1).toLowerCase() : h.toLowerCase();
 }
 
-function absoluteForm(url: string): string | undefined {
-  if (!/^https?:\/\//i.test(url)) return undefined;
+/** RFC 3986 authority without userinfo: IP-literal or reg-name (non-empty), optional port. */
+const AUTHORITY = /^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{0,5})?$/;
+const ABSOLUTE_FORM = /^https?:\/\/([^/?#]*)/i;
+/** Header lines an HTTP/1 request may carry (Envoy's max_headers_count default); more: 431. */
+const MAX_HEADERS = 100;
+
+/** The target's authority (raw, checked by the caller) and path with query. */
+function absoluteForm(url: string): { authority: string; path: string } | undefined {
+  const m = ABSOLUTE_FORM.exec(url);
+  if (m === null) return undefined;
   try {
     const u = new URL(url);
-    return u.pathname + u.search;
+    return { authority: m[1] as string, path: u.pathname + u.search };
   } catch {
     return undefined;
   }
+}
+
+/**
+ * HTTP/1 framing the parser lets through but a proxy must not forward (request smuggling); the
+ * reply closes the connection (invalid_request), since the message's end is unknown (RFC 9112 §6.3).
+ */
+function http1Framing(req: IncomingMessage): LocalReply | undefined {
+  // RFC 9110 §15.6.6: llhttp accepts "HTTP/0.9" and "HTTP/2.0" request lines; only 1.x is spoken here.
+  if (req.httpVersionMajor !== 1) return { status: 505, details: 'invalid_request' };
+  const te = req.headers['transfer-encoding'];
+  if (te !== undefined) {
+    // RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 request means faulty framing.
+    if (req.httpVersionMinor === 0) return { status: 400, details: 'invalid_request' };
+    // RFC 9112 §6.1: a coding the server does not understand (anything but chunked, e.g.
+    // "identity, chunked", which llhttp accepts) gets 501.
+    if (te.toLowerCase() !== 'chunked') return { status: 501, details: 'invalid_request' };
+  }
+  const raw = req.rawHeaders;
+  // Node drops header lines past server.maxHeadersCount (2000) without a word while its parser still
+  // frames the message by them, so the checks here could be walked around; Envoy's limit instead.
+  if (raw.length > 2 * MAX_HEADERS) return { status: 431, details: 'invalid_request' };
+  // RFC 9112 §3.2: more than one Host line is a 400 (Node keeps the first and drops the rest).
+  let hosts = 0;
+  for (let i = 0; i < raw.length; i += 2) {
+    const k = raw[i] as string;
+    if (k.length === 4 && k.toLowerCase() === 'host' && ++hosts > 1) return { status: 400, details: 'invalid_request' };
+  }
+  return undefined;
 }
 
 function rewritePath(x: Exchange, r: RuntimeRoute): string {
