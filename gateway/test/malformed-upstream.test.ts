@@ -5,7 +5,7 @@ import { accessRecord, request, serviceEntryYaml, startTcpUpstream, type TcpUpst
 
 /**
  * The gateway as a client of a malformed upstream (RFC 9112 §4, §5, §6.3, §7.1): before response
- * headers the client gets a local 503 `upstream_reset` (flag UC); after them, the response is cut
+ * headers the client gets a local 502 `upstream_protocol_error` (flag UPE); after them, the response is cut
  * (the client sees a premature close, never a well-ended body); the gateway keeps serving.
  */
 
@@ -91,15 +91,15 @@ ${NAMES.map((n) => `  - match: [{uri: {prefix: /${n}}}]\n    route: [{destinatio
   };
 
   for (const n of ['badstatus', 'notHttp', 'crInject', 'lfInject', 'fold', 'clte'] as const) {
-    test(`RFC 9112 §4–§6 before headers (${n}): 503 upstream_reset (UC), nothing of the upstream's answer leaks, one attempt`, async () => {
+    test(`RFC 9112 §4–§6 before headers (${n}): 502 upstream_protocol_error (UPE, as Envoy), nothing of the upstream's answer leaks, one attempt`, async () => {
       const rid = `up-${n}`;
       const r = await fetchRaw(n, rid);
-      assert.match(r.text, /^HTTP\/1\.1 503 /);
+      assert.match(r.text, /^HTTP\/1\.1 502 /);
       assert.doesNotMatch(r.text, /set-cookie|evil/i);
       const log = await accessRecord(fx.access, rid);
-      assert.equal(log.response_code, 503);
-      assert.equal(log.response_code_details, 'upstream_reset');
-      assert.equal(log.response_flags, 'UC');
+      assert.equal(log.response_code, 502);
+      assert.equal(log.response_code_details, 'upstream_protocol_error');
+      assert.equal(log.response_flags, 'UPE');
       // A protocol error is no stale keep-alive connection: not retried on a fresh one.
       assert.equal(tcp.get(n)?.accepted, 1);
       await stillServing();

@@ -177,6 +177,11 @@ export class ListenerManager {
       exposeHeadRoutes: false,
       return503OnClosing: false,
       keepAliveTimeout: 65_000,
+      // A slow client must deliver its whole request within 5 min (fastify's default 0 would switch
+      // off Node's 300 s request timeout); headers within Node's 60 s; idle HTTP/2 sessions close
+      // after fastify's 72 s. Responses and upgraded sockets are not bounded here (long polls,
+      // WebSockets have their own idle timeout).
+      requestTimeout: 300_000,
       routerOptions: { querystringParser: () => EMPTY_QUERY, ignoreDuplicateSlashes: false },
       ...options,
     } as never) as unknown as FastifyInstance;

@@ -10,6 +10,8 @@ export const Details = {
   upstream_overflow: { flag: 'UO' },
   upstream_connect_failure: { flag: 'UF' },
   upstream_reset: { flag: 'UC' },
+  /** The upstream's response was not valid HTTP (Envoy: UPE, 502). */
+  upstream_protocol_error: { flag: 'UPE' },
   upstream_timeout: { flag: 'UT' },
   upstream_per_try_timeout: { flag: 'UT' },
   upstream_retry_limit_exceeded: { flag: 'URX' },
@@ -47,6 +49,7 @@ export const LOCAL_BODIES: Partial<Record<DetailsName, string>> = {
   upstream_overflow: 'upstream connect error or disconnect/reset before headers. reset reason: overflow',
   upstream_connect_failure: 'upstream connect error or disconnect/reset before headers. reset reason: connection failure',
   upstream_reset: 'upstream connect error or disconnect/reset before headers. reset reason: connection termination',
+  upstream_protocol_error: 'upstream connect error or disconnect/reset before headers. reset reason: protocol error',
   upstream_timeout: 'upstream request timeout',
   upstream_per_try_timeout: 'upstream request timeout',
   invalid_request: 'Bad Request',

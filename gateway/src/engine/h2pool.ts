@@ -134,6 +134,15 @@ export class H2Client {
       ended = true;
       handler.onResponseError?.(controller, err);
     };
+    // As undici does: a handler that throws fails its own request, never the process.
+    const guard = (fn: () => void) => {
+      try {
+        fn();
+      } catch (err) {
+        controller.abort(err as Error);
+        fail(err as Error);
+      }
+    };
     handler.onRequestStart?.(controller, {});
     stream.on('response', (h: IncomingHttpHeaders) => {
       const status = Number(h[HTTP2_HEADER_STATUS]);
@@ -141,9 +150,9 @@ export class H2Client {
       started = true;
       const out: Record<string, string | string[] | undefined> = {};
       for (const k in h) if (k.charCodeAt(0) !== 58) out[k] = h[k];
-      handler.onResponseStart?.(controller, status, out);
+      guard(() => handler.onResponseStart?.(controller, status, out));
     });
-    stream.on('data', (chunk: Buffer) => handler.onResponseData?.(controller, chunk));
+    stream.on('data', (chunk: Buffer) => guard(() => handler.onResponseData?.(controller, chunk)));
     let trailers: Record<string, string | string[] | undefined> = {};
     stream.on('trailers', (t: IncomingHttpHeaders) => {
       trailers = {};
@@ -170,7 +179,7 @@ export class H2Client {
       if (controller.aborted) fail(Object.assign(new Error('aborted'), { code: 'UND_ERR_ABORTED' }));
       else if (code === 0 && readEnded && started) {
         ended = true;
-        handler.onResponseEnd?.(controller, trailers);
+        guard(() => handler.onResponseEnd?.(controller, trailers));
       } else if (started || code !== 0) fail(new UpstreamStreamReset(code));
       else fail(this.#errors.get(session) ?? Object.assign(new Error('upstream connection closed'), { code: 'UND_ERR_SOCKET' }));
     });

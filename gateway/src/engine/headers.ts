@@ -22,9 +22,12 @@ const HOP_BY_HOP = new Set([
   'x-forwarded-port',
   'x-request-id',
   'traceparent',
+  // Identity the gateway vouches for, never the client (Envoy: forward_client_cert_details SANITIZE).
+  'x-forwarded-client-cert',
+  'forwarded',
 ]);
 
-const RESPONSE_HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'trailer', 'upgrade']);
+const RESPONSE_HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'trailer', 'upgrade', 'te', 'http2-settings']);
 
 /** Headers named in `Connection` are hop-by-hop too (RFC 9110 §7.6.1). */
 function connectionTokens(v: string | string[] | undefined): string[] | undefined {
@@ -39,7 +42,7 @@ export function upstreamRequestHeaders(h: IncomingHttpHeaders): Record<string, s
   const out: Record<string, string | string[]> = {};
   for (const k in h) {
     // HTTP/2 pseudo-headers (:method, :path, :authority, :scheme) are rebuilt by the upstream client.
-    if (HOP_BY_HOP.has(k) || k.charCodeAt(0) === 58 /* : */) continue;
+    if (HOP_BY_HOP.has(k) || k.charCodeAt(0) === 58 /* : */ || k.startsWith('x-envoy-')) continue;
     const v = h[k];
     if (v !== undefined) out[k] = v;
   }

@@ -34,6 +34,7 @@ export interface EngineDeps {
   readonly websocket?: Partial<WebSocketOptions>;
 }
 
+const REFUSED_STREAM = 7;
 /** Methods a proxy may retry on its own (RFC 9110 §9.2.2). */
 const IDEMPOTENT = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE', 'PUT', 'DELETE']);
 const TIMEOUT = new Set(['UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT']);
@@ -145,11 +146,17 @@ export class Engine {
   #forward(x: Exchange, r: RuntimeRoute, t: UpgradeTarget, body: RequestBody | null): void {
     const { path, headers } = t;
     const call = new UpstreamCall(this, x, r, t, body);
-    // gRPC callers send their deadline; the tighter of it and the route's timeout applies.
+    // A gRPC caller's deadline runs from now. The route's timeout runs, as Envoy's, from the end of
+    // the request (an upload or a client stream is not cut short while it is still arriving).
     const deadline = x.grpc ? grpcTimeoutMs(x.headers['grpc-timeout']) : undefined;
-    const timeout = deadline === undefined ? r.config.timeoutMs : Math.min(deadline, r.config.timeoutMs ?? deadline);
+    if (deadline !== undefined) call.deadlineTimer = setTimeout(() => call.abort(new AttemptAbort('route_timeout')), deadline);
+    const timeout = r.config.timeoutMs;
     if (timeout !== undefined) {
-      call.routeTimer = setTimeout(() => call.abort(new AttemptAbort('route_timeout')), timeout);
+      const arm = () => {
+        if (!call.done) call.routeTimer = setTimeout(() => call.abort(new AttemptAbort('route_timeout')), timeout);
+      };
+      if (body === null || body.complete) arm();
+      else body.whenComplete(arm);
     }
     x.res.once('close', () => {
       if (!x.res.writableFinished) call.abort(new AttemptAbort('downstream'));
@@ -169,7 +176,9 @@ export class Engine {
     if (ep === undefined) return;
     const shadow = { ...headers, host: `${hostOnly(String(headers.host))}-shadow` };
     try {
-      ep.pool.dispatch({ path, method: x.method as Dispatcher.HttpMethod, headers: shadow, body }, DISCARD);
+      if (cluster.config.protocol === 'HTTP2' || cluster.config.protocol === 'GRPC')
+        this.h2Client(ep, cluster).dispatch({ path, method: x.method, headers: shadow, body }, DISCARD);
+      else ep.pool.dispatch({ path, method: x.method as Dispatcher.HttpMethod, headers: shadow, body }, DISCARD);
     } catch {
       // A shadow request never affects the real one.
     }
@@ -273,8 +282,9 @@ export class Engine {
     headers['x-forwarded-host'] = x.authority;
     headers['x-request-id'] = x.requestId;
     headers.traceparent = nextTraceparent(h.traceparent, (n) => this.#hex.hex(n));
-    applyMutation(headers, r.config.requestHeaders);
+    // Envoy's order: the weighted-destination level first, then the route level, which wins on set.
     applyMutation(headers, dest.requestHeaders);
+    applyMutation(headers, r.config.requestHeaders);
     const lb = cluster.config.lb;
     return { dest, cluster, path: rewritePath(x, r), headers, hashKey: lb.kind === 'HASH' ? hashKeyOf(x, lb) : undefined };
   }
@@ -380,6 +390,7 @@ const DISCARD: Dispatcher.DispatchHandler = {
  */
 class UpstreamCall implements UpstreamHandler {
   routeTimer: NodeJS.Timeout | undefined;
+  deadlineTimer: NodeJS.Timeout | undefined;
   readonly #engine: Engine;
   readonly #x: Exchange;
   readonly #route: RuntimeRoute;
@@ -401,6 +412,7 @@ class UpstreamCall implements UpstreamHandler {
   #paused = false;
   #done = false;
   #retrying = false;
+  #retryHeld = false;
   #staleRetried = false;
   #abortReason: AttemptAbort | undefined;
   readonly #resume = () => {
@@ -437,7 +449,13 @@ class UpstreamCall implements UpstreamHandler {
     cluster.active++;
     ep.active++;
     const perTry = this.#route.config.retry.perTryTimeoutMs;
-    if (perTry !== undefined) this.#tryTimer = setTimeout(() => this.abort(new AttemptAbort('per_try_timeout')), perTry);
+    if (perTry !== undefined) {
+      const arm = () => {
+        if (this.#endpoint === ep && !this.#done) this.#tryTimer = setTimeout(() => this.abort(new AttemptAbort('per_try_timeout')), perTry);
+      };
+      if (this.#body === null || this.#body.complete) arm();
+      else this.#body.whenComplete(arm);
+    }
     const b = this.#body;
     // The first attempt streams the body as it arrives; retries replay the kept copy.
     const body = b === null ? null : x.attempts === 1 ? b.stream : b.replay();
@@ -487,8 +505,8 @@ class UpstreamCall implements UpstreamHandler {
     if (this.#tryTimer !== undefined) clearTimeout(this.#tryTimer);
     const out = downstreamResponseHeaders(headers as Record<string, string | string[]>);
     const cfg = this.#route.config;
-    applyMutation(out, cfg.responseHeaders);
     applyMutation(out, this.#dest.responseHeaders);
+    applyMutation(out, cfg.responseHeaders);
     for (const f of this.#route.filters) f.onResponseHeaders?.(x, out);
     // Envoy's default server_header_transformation (OVERWRITE): the upstream's software is not advertised.
     out.server = 'meshgate';
@@ -505,7 +523,13 @@ class UpstreamCall implements UpstreamHandler {
         return;
       }
     }
-    x.res.writeHead(statusCode, out as OutgoingHttpHeaders);
+    try {
+      x.res.writeHead(statusCode, out as OutgoingHttpHeaders);
+    } catch (err) {
+      // A header the client's protocol cannot carry: the upstream's answer is unusable here.
+      controller.abort(err as Error);
+      this.onResponseError(controller, Object.assign(new Error((err as Error).message), { code: 'HPE_INVALID_HEADER' }));
+    }
   }
 
   onResponseData(controller: UpstreamController, chunk: Buffer): void {
@@ -578,6 +602,14 @@ class UpstreamCall implements UpstreamHandler {
     } else if (TIMEOUT.has(code)) {
       failure = { status: 504, details: 'upstream_timeout' };
       retriable = retry.on5xx || retry.onGatewayError;
+    } else if (err.name === 'HTTPParserError' || code.startsWith('HPE_') || code === 'ERR_HTTP2_PROTOCOL_ERROR') {
+      // Not valid HTTP from the upstream (Envoy: 502, flag UPE); retried like a reset.
+      failure = { status: 502, details: 'upstream_protocol_error' };
+      retriable = retry.on5xx || retry.onGatewayError || retry.onReset;
+    } else if (err instanceof UpstreamStreamReset && err.rstCode === REFUSED_STREAM) {
+      // HTTP/2 REFUSED_STREAM: the upstream did not process the request, so it is safe to retry.
+      failure = { status: 503, details: 'upstream_reset' };
+      retriable = retry.onRefusedStream || retry.on5xx || retry.onReset;
     } else {
       failure = { status: 503, details: 'upstream_reset' };
       retriable = retry.on5xx || retry.onGatewayError || retry.onReset;
@@ -634,11 +666,12 @@ class UpstreamCall implements UpstreamHandler {
     const x = this.#x;
     const cluster = this.#cluster;
     cluster.retries++;
+    this.#retryHeld = true;
     this.#retrying = true;
     // Envoy's fully jittered exponential back-off: 25 ms base, capped at 250 ms.
     const ceiling = Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** (x.attempts - 1));
     const go = () => {
-      cluster.retries--;
+      this.#releaseRetry();
       this.#retrying = false;
       if (this.#done || x.res.destroyed) return;
       if (this.#body !== null && !this.#body.replayable) return this.#fail({ status: 503, details: 'upstream_reset' });
@@ -668,9 +701,23 @@ class UpstreamCall implements UpstreamHandler {
     this.#engine.reply(this.#x, r);
   }
 
+  /** A retry waiting (back-off, or the rest of the body) holds one of the cluster's maxRetries slots. */
+  get done(): boolean {
+    return this.#done;
+  }
+
+  #releaseRetry(): void {
+    if (!this.#retryHeld) return;
+    this.#retryHeld = false;
+    this.#cluster.retries--;
+  }
+
   #finish(): void {
     this.#done = true;
+    // Every way out gives the retry slot back: a client leaving mid-retry must not leak it.
+    this.#releaseRetry();
     if (this.routeTimer !== undefined) clearTimeout(this.routeTimer);
+    if (this.deadlineTimer !== undefined) clearTimeout(this.deadlineTimer);
     if (this.#tryTimer !== undefined) clearTimeout(this.#tryTimer);
   }
 }
