@@ -161,6 +161,22 @@ ${servers}
 `;
 }
 
+/** A Gateway `edge` with one cleartext HTTP/2 (h2c) server on 8080 for every host. */
+export const H2C_GATEWAY = gatewayDoc('edge', '  - port: {number: 8080, name: h2c, protocol: HTTP2}\n    hosts: ["*"]');
+
+/** A VirtualService sending every request on gateway `edge` to `host`. */
+export function catchAllVs(host: string): string {
+  return `apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: all}
+spec:
+  hosts: ["*"]
+  gateways: [edge]
+  http:
+  - route: [{destination: {host: ${host}}}]
+`;
+}
+
 /** A Gateway resource (selector istio=ingressgateway) with one HTTP server per port. */
 export function gatewayYaml(name: string, hosts: readonly string[], ports: readonly number[] = [8080]): string {
   const servers = ports

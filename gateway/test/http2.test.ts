@@ -4,7 +4,7 @@ import http2, { type ClientHttp2Session, type IncomingHttpHeaders, type SecureCl
 import { request as httpsRequest, type RequestOptions } from 'node:https';
 import { describe, test } from 'node:test';
 import type { ConnectionOptions, TLSSocket } from 'node:tls';
-import { poll, useGateway } from './helpers.ts';
+import { catchAllVs, H2C_GATEWAY, poll, useGateway } from './helpers.ts';
 import { makePki, type Pki } from './pki.ts';
 
 const NAME = 'h2.test.local';
@@ -31,25 +31,7 @@ spec:
 `;
 }
 
-const H2C_ONLY = `apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: edge}
-spec:
-  selector: {istio: ingressgateway}
-  servers:
-  - port: {number: 8080, name: h2c, protocol: HTTP2}
-    hosts: ["*"]
-`;
-
-const VS = `apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: all}
-spec:
-  hosts: ["*"]
-  gateways: [edge]
-  http:
-  - route: [{destination: {host: backend.svc}}]
-`;
+const VS = catchAllVs('backend.svc');
 
 // ---------------------------------------------------------------------------------------------------
 // A node:http2 client
@@ -320,7 +302,7 @@ describe('HTTP/2 limits from GatewayOptions.http2 reach the sessions', () => {
   const fx = useGateway({
     ports: [8080],
     upstreams: { backend: {} },
-    files: { 'gateway.yaml': H2C_ONLY, 'vs.yaml': VS },
+    files: { 'gateway.yaml': H2C_GATEWAY, 'vs.yaml': VS },
     options: { http2: { maxConcurrentStreams: 7, maxHeaderListSize: 8192, streamResetBurst: 50, streamResetRate: 1 } },
   });
 

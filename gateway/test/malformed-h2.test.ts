@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { connect, type Socket } from 'node:net';
 import { describe, test } from 'node:test';
-import { useGateway } from './helpers.ts';
+import { catchAllVs, H2C_GATEWAY, useGateway } from './helpers.ts';
 
 /**
  * Malformed HTTP/2 requests on an h2c listener (RFC 9113 §8.1.1, §8.2, §8.3), as raw frames: the
@@ -11,24 +11,7 @@ import { useGateway } from './helpers.ts';
  * stream on the same session is served.
  */
 
-const H2C = `apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: edge}
-spec:
-  selector: {istio: ingressgateway}
-  servers:
-  - port: {number: 8080, name: h2c, protocol: HTTP2}
-    hosts: ["*"]
-`;
-const VS = `apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: all}
-spec:
-  hosts: ["*"]
-  gateways: [edge]
-  http:
-  - route: [{destination: {host: backend.svc}}]
-`;
+const VS = catchAllVs('backend.svc');
 
 const PREFACE = Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n');
 const T = { DATA: 0, HEADERS: 1, RST_STREAM: 3, SETTINGS: 4, GOAWAY: 7 } as const;
@@ -115,7 +98,7 @@ const GOOD: readonly Field[] = [
 ];
 
 describe('malformed HTTP/2 requests', () => {
-  const fx = useGateway({ upstreams: { backend: {} }, files: { 'gateway.yaml': H2C, 'vs.yaml': VS } });
+  const fx = useGateway({ upstreams: { backend: {} }, files: { 'gateway.yaml': H2C_GATEWAY, 'vs.yaml': VS } });
 
   /** Stream 1 carries `fields`, then stream 3 a valid request on the same session. */
   const exchange = async (fields: readonly Field[]) => {
