@@ -4,7 +4,7 @@ import { dirname, resolve } from 'node:path';
 import { type Diagnostic, formatPath, PolicyErrorCode } from './errors.ts';
 import { hostCovers, hostIntersection, normalizeHost, qualifyHost } from './hosts.ts';
 import type { LoadResult, Resource } from './load.ts';
-import { compileStringMatch, headerValue, type MatchInput, queryValue, type StringMatcher } from './match.ts';
+import { compileStringMatch, headerValue, type MatchInput, type StringMatcher } from './match.ts';
 import type { Destination, GatewayServer, HeaderOps, Headers, HttpMatch, HttpRoute, ServiceEntrySpec, TrafficPolicy } from './schema/networking.ts';
 
 // ---------------------------------------------------------------------------------------------------
@@ -729,7 +729,7 @@ function compileMatch(m: HttpMatch, _routeName: string, _path: readonly Property
   for (const [name, sm] of Object.entries(m.queryParams ?? {})) {
     const s = compileStringMatch(sm);
     tests.push((i) => {
-      const v = queryValue(i.query, name);
+      const v = i.queryParam(name);
       return v !== undefined && s(v);
     });
   }

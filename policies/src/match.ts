@@ -14,6 +14,8 @@ export interface MatchInput {
   /** `http` or `https`. */
   readonly scheme: string;
   readonly headers: Readonly<Record<string, string | string[] | undefined>>;
+  /** A query parameter's first value; implementations parse the query once per request. */
+  queryParam(name: string): string | undefined;
 }
 
 export type StringMatcher = (value: string) => boolean;
@@ -39,10 +41,4 @@ export function headerValue(headers: MatchInput['headers'], name: string): strin
   const v = headers[name];
   if (v === undefined) return undefined;
   return typeof v === 'string' ? v : v.join(',');
-}
-
-/** Looks a query parameter up without building a URLSearchParams per request when none is needed. */
-export function queryValue(query: string, name: string): string | undefined {
-  if (query === '') return undefined;
-  return new URLSearchParams(query).get(name) ?? undefined;
 }

@@ -57,6 +57,14 @@ export class Exchange implements MatchInput {
   corsOrigin: string | undefined;
   /** The engine's random source (injected: tests make percentages deterministic). */
   readonly random: () => number;
+  #params: URLSearchParams | undefined;
+  /** A query parameter, the query parsed on first use and only once (route matchers, hashing). */
+  queryParam(name: string): string | undefined {
+    if (this.query === '') return undefined;
+    this.#params ??= new URLSearchParams(this.query);
+    return this.#params.get(name) ?? undefined;
+  }
+
   /** True once the response headers went out: errors after this can only reset the stream. */
   get headersSent(): boolean {
     return this.res.headersSent;

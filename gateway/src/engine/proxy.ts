@@ -817,7 +817,7 @@ function hashKeyOf(x: Exchange, lb: { header: string | undefined; sourceIp: bool
     return v === undefined ? undefined : String(v);
   }
   if (lb.sourceIp) return x.remoteAddress;
-  if (lb.query !== undefined) return x.query === '' ? undefined : (new URLSearchParams(x.query).get(lb.query) ?? undefined);
+  if (lb.query !== undefined) return x.queryParam(lb.query);
   return undefined;
 }
 
