@@ -90,8 +90,13 @@ function routeKey(listener: string, vhost: RuntimeVirtualHost, route: { readonly
   return `${listener}\n${vhost.config.domain}\n${route.config.virtualService}\n${route.config.name}`;
 }
 
+/** The route keys of a snapshot, computed once per snapshot (snapshots are immutable). */
+const keysBySnapshot = new WeakMap<Snapshot, Set<string>>();
 function routeKeys(snap: Snapshot): Set<string> {
+  const cached = keysBySnapshot.get(snap);
+  if (cached !== undefined) return cached;
   const keys = new Set<string>();
+  keysBySnapshot.set(snap, keys);
   for (const [name, l] of snap.listeners) {
     const add = (v: RuntimeVirtualHost) => {
       for (const r of v.routes) keys.add(routeKey(name, v, r));
