@@ -22,6 +22,10 @@ Usage:
       --ws-max-payload BYTES        largest WebSocket message; larger closes with 1009 (default 16777216)
       --ws-idle-timeout DURATION_MS close a WebSocket idle this long with 1001 (default 3600000)
       --drain-timeout MS            a WebSocket whose route a reload removed closes after this (default 30000)
+      --xff-trusted-hops N          proxies in front whose X-Forwarded-For is kept and appended to (default 0:
+                                    a client-sent X-Forwarded-For is replaced by the peer address)
+      --h2-max-concurrent-streams N HTTP/2 streams per client session (default 100)
+      --h2-max-header-list-size B   HTTP/2 header list limit in bytes (default 65536)
   meshgate validate PATH… [--label k=v…]  validate policy folders/files for a gateway with these labels;
                            exit 0 if valid, 1 with every error
   meshgate help
@@ -105,6 +109,9 @@ async function gateway(args: string[]): Promise<number> {
       'access-log': { type: 'string' },
       'log-level': { type: 'string' },
       'ws-max-payload': { type: 'string' },
+      'xff-trusted-hops': { type: 'string' },
+      'h2-max-concurrent-streams': { type: 'string' },
+      'h2-max-header-list-size': { type: 'string' },
       'ws-idle-timeout': { type: 'string' },
       'drain-timeout': { type: 'string' },
     },
@@ -117,6 +124,12 @@ async function gateway(args: string[]): Promise<number> {
     portMap.set(port('--port-map', from, -1), port('--port-map', to, -1));
   }
   const websocket: { maxPayloadBytes?: number; idleTimeoutMs?: number; drainTimeoutMs?: number } = {};
+  const http2: { maxConcurrentStreams?: number; maxHeaderListSize?: number } = {};
+  const streams = positive('--h2-max-concurrent-streams', values['h2-max-concurrent-streams']);
+  const headerList = positive('--h2-max-header-list-size', values['h2-max-header-list-size']);
+  if (streams !== undefined) http2.maxConcurrentStreams = streams;
+  if (headerList !== undefined) http2.maxHeaderListSize = headerList;
+  const hops = values['xff-trusted-hops'] === undefined ? 0 : port('--xff-trusted-hops', values['xff-trusted-hops'], 0);
   const maxPayloadBytes = positive('--ws-max-payload', values['ws-max-payload']);
   const idleTimeoutMs = positive('--ws-idle-timeout', values['ws-idle-timeout']);
   const drainTimeoutMs = positive('--drain-timeout', values['drain-timeout']);
@@ -152,6 +165,8 @@ async function gateway(args: string[]): Promise<number> {
     logger,
     accessLog,
     websocket,
+    http2,
+    xffTrustedHops: hops,
   });
   logger.info({ ports: gw.ports }, 'meshgate gateway started');
   process.on('SIGHUP', () => {

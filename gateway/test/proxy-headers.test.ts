@@ -96,3 +96,14 @@ describe('proxy headers', () => {
     assert.equal(h.te, 'trailers');
   });
 });
+
+describe('X-Forwarded-For behind trusted proxies (--xff-trusted-hops)', () => {
+  const fx = useGateway({ hosts: ['ph.test.local'], upstreams: { backend: {} }, files: { 'vs.yaml': VS }, options: { xffTrustedHops: 1 } });
+
+  test('the client-sent X-Forwarded-For is kept and the peer address appended', async () => {
+    const r = await request(fx.port, { path: '/xff', host: 'ph.test.local', headers: { 'x-forwarded-for': '203.0.113.9' } });
+    assert.equal(r.status, 200);
+    const rec = fx.upstream('backend').records.find((x) => x.url === '/xff');
+    assert.equal(rec?.headers['x-forwarded-for'], '203.0.113.9, 127.0.0.1');
+  });
+});

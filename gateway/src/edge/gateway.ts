@@ -46,6 +46,8 @@ export interface GatewayOptions {
    * route a reload removed keeps going before it is closed with 1001 "route removed").
    */
   readonly websocket?: Partial<WebSocketOptions>;
+  /** Proxies in front whose X-Forwarded-For is trusted (Envoy's xff_num_trusted_hops); default 0. */
+  readonly xffTrustedHops?: number;
 }
 
 export type ReloadResult =
@@ -89,6 +91,7 @@ export class Gateway {
       onError: (err, x) => this.logger.error({ err, request_id: x.requestId }, 'unexpected error while handling a request'),
       ...(opts.random === undefined ? {} : { random: opts.random }),
       ...(opts.websocket === undefined ? {} : { websocket: opts.websocket }),
+      ...(opts.xffTrustedHops === undefined ? {} : { xffTrustedHops: opts.xffTrustedHops }),
     });
     this.#listeners = new ListenerManager(this.engine, {
       bindAddress: opts.bindAddress ?? '0.0.0.0',

@@ -32,6 +32,12 @@ export interface EngineDeps {
   readonly maxReplayBytes?: number;
   /** WebSocket limits; unset fields take DEFAULT_WEBSOCKET_OPTIONS. */
   readonly websocket?: Partial<WebSocketOptions>;
+  /**
+   * Proxies in front of the gateway whose X-Forwarded-For is trusted (Envoy's xff_num_trusted_hops).
+   * 0 (default): a client-sent X-Forwarded-For is replaced by the peer address. N > 0: the peer
+   * address is appended to it, as each trusted hop did.
+   */
+  readonly xffTrustedHops?: number;
 }
 
 const REFUSED_STREAM = 7;
@@ -66,12 +72,14 @@ export class Engine {
   /** Open WebSockets (HTTP/1.1 upgrades): drained on reload when their route goes, closed on shutdown. */
   readonly websockets: WebSocketProxy;
   readonly #h2 = new H2Clients();
+  readonly #xffTrusted: boolean;
 
   constructor(deps: EngineDeps) {
     this.#deps = deps;
     this.#random = deps.random ?? Math.random;
     this.#noDestination = deps.telemetry.slot(undefined);
     this.#maxReplay = deps.maxReplayBytes ?? 1024 * 1024;
+    this.#xffTrusted = (deps.xffTrustedHops ?? 0) > 0;
     this.websockets = new WebSocketProxy(this, {
       telemetry: deps.telemetry,
       accessLog: deps.accessLog,
@@ -277,7 +285,8 @@ export class Engine {
     const h = x.headers;
     const headers = upstreamRequestHeaders(h);
     headers.host = r.config.rewrite?.authority ?? x.authority;
-    headers['x-forwarded-for'] = x.remoteAddress;
+    const xff = h['x-forwarded-for'];
+    headers['x-forwarded-for'] = this.#xffTrusted && typeof xff === 'string' && xff !== '' ? `${xff}, ${x.remoteAddress}` : x.remoteAddress;
     headers['x-forwarded-proto'] = x.scheme;
     headers['x-forwarded-host'] = x.authority;
     headers['x-request-id'] = x.requestId;
