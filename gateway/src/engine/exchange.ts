@@ -53,6 +53,8 @@ export class Exchange implements MatchInput {
   grpc = false;
   /** grpc-status of the response, from upstream headers/trailers or a local reply ('' when none). */
   grpcStatus = '';
+  /** The request's trip upstream, while there is one: the log phase cuts it short if the client left. */
+  upstream: { abortForDownstream(): void } | undefined;
   /** Set by the CORS filter when the response must carry CORS headers for this origin. */
   corsOrigin: string | undefined;
   /** The engine's random source (injected: tests make percentages deterministic). */
@@ -63,11 +65,6 @@ export class Exchange implements MatchInput {
     if (this.query === '') return undefined;
     this.#params ??= new URLSearchParams(this.query);
     return this.#params.get(name) ?? undefined;
-  }
-
-  /** True once the response headers went out: errors after this can only reset the stream. */
-  get headersSent(): boolean {
-    return this.res.headersSent;
   }
 
   constructor(

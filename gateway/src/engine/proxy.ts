@@ -72,6 +72,7 @@ export class Engine {
   /** Open WebSockets (HTTP/1.1 upgrades): drained on reload when their route goes, closed on shutdown. */
   readonly websockets: WebSocketProxy;
   readonly #h2 = new H2Clients();
+  readonly #randomHex = (bytes: number) => this.#hex.hex(bytes);
   readonly #xffTrusted: boolean;
 
   constructor(deps: EngineDeps) {
@@ -166,9 +167,7 @@ export class Engine {
       if (body === null || body.complete) arm();
       else body.whenComplete(arm);
     }
-    x.res.once('close', () => {
-      if (!x.res.writableFinished) call.abort(new AttemptAbort('downstream'));
-    });
+    x.upstream = call;
     for (const m of r.mirrors) {
       const mc = m.cluster;
       if (mc === undefined || x.random() >= m.fraction) continue;
@@ -290,7 +289,7 @@ export class Engine {
     headers['x-forwarded-proto'] = x.scheme;
     headers['x-forwarded-host'] = x.authority;
     headers['x-request-id'] = x.requestId;
-    headers.traceparent = nextTraceparent(h.traceparent, (n) => this.#hex.hex(n));
+    headers.traceparent = nextTraceparent(h.traceparent, this.#randomHex);
     // Envoy's order: the weighted-destination level first, then the route level, which wins on set.
     applyMutation(headers, dest.requestHeaders);
     applyMutation(headers, r.config.requestHeaders);
@@ -381,6 +380,8 @@ export class Engine {
     if (x.grpc) slot.grpc.record(x.status, flags, duration, x.bytesReceived, x.bytesSent, x.grpcStatus);
     else slot.record(x.status, flags, duration, x.bytesReceived, x.bytesSent);
     this.#deps.accessLog?.(accessRecord(x, x.status, flags, x.details, duration));
+    // A client gone before its response finished: the upstream attempt (or a waiting retry) stops.
+    if (!x.res.writableFinished) x.upstream?.abortForDownstream();
     x.snap.release();
   }
 }
@@ -480,6 +481,10 @@ class UpstreamCall implements UpstreamHandler {
     } catch (err) {
       this.onResponseError(undefined, err as Error);
     }
+  }
+
+  abortForDownstream(): void {
+    this.abort(new AttemptAbort('downstream'));
   }
 
   /** Cuts the current attempt short (timeouts, client gone). */

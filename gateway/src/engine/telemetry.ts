@@ -25,7 +25,6 @@ const LABELS = [
   'connection_security_policy',
 ] as const;
 type LabelName = (typeof LABELS)[number];
-export const ISTIO_LABELS: readonly LabelName[] = LABELS;
 type Labels = Record<LabelName, string>;
 
 const GRPC_CODE = /^(?:[0-9]|1[0-6])$/;
