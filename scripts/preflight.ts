@@ -19,8 +19,11 @@ interface Need {
   readonly apt: string;
   readonly why: string;
 }
-// What the suite needs from the machine beyond npm packages. Empty today; redis-server joins with the quota work.
-const needs: readonly Need[] = [];
+// What the suite needs from the machine beyond npm packages.
+const needs: readonly Need[] = [
+  { cmd: 'redis-server', args: ['--version'], apt: 'redis-server', why: 'quota tests run a real Redis, Sentinel and Cluster' },
+  { cmd: 'redis-cli', args: ['--version'], apt: 'redis-tools', why: 'Redis Cluster bootstrap in the quota tests' },
+];
 
 const missing = needs.filter((n) => spawnSync(n.cmd, n.args, { stdio: 'ignore' }).status !== 0);
 if (missing.length > 0) {
