@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { existsSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { type Diagnostic, formatPath, PolicyErrorCode } from './errors.ts';
 import { hostCovers, hostIntersection, normalizeHost, qualifyHost } from './hosts.ts';
@@ -256,6 +256,7 @@ export function compile(load: LoadResult, opts: CompileOptions): CompileResult {
   const diagnostics: Diagnostic[] = [...load.diagnostics];
   if (diagnostics.some((d) => d.severity === 'error')) return { ok: false, diagnostics };
   const c = new Compiler(load.resources, opts, diagnostics);
+  c.adapters();
   const listeners = c.listeners();
   if (diagnostics.some((d) => d.severity === 'error')) return { ok: false, diagnostics };
   const hash = createHash('sha256');
@@ -444,9 +445,30 @@ class Compiler {
   }
 
   #file(r: Resource, path: readonly PropertyKey[], file: string): string {
-    const abs = resolve(this.#opts.cwd ?? process.cwd(), dirname(r.source.file), file);
+    const abs = resolveFromSource(r, file, this.#opts.cwd);
     if (!existsSync(abs)) this.#error(r, path, PolicyErrorCode.REFERENCE, `file ${file} does not exist (looked at ${abs})`);
     return abs;
+  }
+
+  /** Every Adapter's module file must exist (builtins are the gateway's to provide). */
+  adapters(): void {
+    for (const r of this.#resources) {
+      if (r.kind !== 'Adapter') continue;
+      const a = r as R<'Adapter'>;
+      const module = resolveAdapterModule(a, this.#opts.cwd);
+      if (module.startsWith('meshgate:')) continue;
+      const path = ['spec', 'module'];
+      let st: ReturnType<typeof statSync>;
+      try {
+        st = statSync(module, { throwIfNoEntry: false });
+      } catch (err) {
+        // ENOTDIR (a path through a file), EACCES, …: as unusable as a missing file.
+        this.#error(a, path, PolicyErrorCode.REFERENCE, `cannot read ${a.spec.module}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+        continue;
+      }
+      if (st === undefined) this.#error(a, path, PolicyErrorCode.REFERENCE, `file ${a.spec.module} does not exist (looked at ${module})`);
+      else if (!st.isFile()) this.#error(a, path, PolicyErrorCode.REFERENCE, `${a.spec.module} is not a file (looked at ${module})`);
+    }
   }
 
   readonly #l4Cache = new Map<string, CompiledL4Route[]>();
@@ -674,6 +696,21 @@ class Compiler {
     });
     return name;
   }
+}
+
+/** A path written in a policy file, resolved from that file's folder (absolute paths stay as they are). */
+function resolveFromSource(r: Resource, file: string, cwd: string | undefined): string {
+  return resolve(cwd ?? process.cwd(), dirname(r.source.file), file);
+}
+
+/**
+ * The module an Adapter loads: a builtin (`meshgate:listchecker`, `meshgate:ext-authz`) unchanged, or
+ * the absolute path of its file, resolved from the folder of the YAML file that declares the Adapter.
+ * `cwd` must be the one the policies were loaded (and compiled) with; default process.cwd(), as theirs.
+ */
+export function resolveAdapterModule(adapter: Resource<'Adapter'>, cwd?: string): string {
+  const m = adapter.spec.module;
+  return m.startsWith('meshgate:') ? m : resolveFromSource(adapter, m, cwd);
 }
 
 function parseServerHost(entry: string, gwNamespace: string): { host: string; allows(ns: string): boolean } {

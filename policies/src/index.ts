@@ -5,4 +5,6 @@ export * from './hosts.ts';
 export * from './load.ts';
 export * from './match.ts';
 export type { Kind, SpecOf } from './schema/kinds.ts';
+export type * from './schema/meshgate.ts';
 export type * from './schema/networking.ts';
+export type * from './schema/security.ts';

@@ -15,7 +15,7 @@ const schema = JSON.parse(readFileSync(SCHEMA_PATH, 'utf8')) as Schema;
  * A deliberately small JSON Schema checker for exactly the keywords the generator emits. It throws on
  * any other keyword, so a generator change cannot make these tests pass by being ignored.
  */
-const ANNOTATIONS = new Set(['$schema', '$id', '$defs', 'title', 'description', 'format', 'contentEncoding']);
+const ANNOTATIONS = new Set(['$schema', '$id', '$defs', 'title', 'description', 'format', 'contentEncoding', 'default']);
 function check(s: Schema, v: unknown, at: string, errs: string[]): void {
   const typeOf = (x: unknown) => (x === null ? 'null' : Array.isArray(x) ? 'array' : Number.isInteger(x) ? 'integer' : typeof x);
   for (const [k, w] of Object.entries(s)) {
@@ -51,6 +51,9 @@ function check(s: Schema, v: unknown, at: string, errs: string[]): void {
         break;
       case 'minItems':
         if (Array.isArray(v) && v.length < Number(w)) errs.push(`${at}: minItems`);
+        break;
+      case 'maxItems':
+        if (Array.isArray(v) && v.length > Number(w)) errs.push(`${at}: maxItems`);
         break;
       case 'items':
         if (Array.isArray(v)) for (const [i, x] of v.entries()) check(w as Schema, x, `${at}[${i}]`, errs);
@@ -115,11 +118,10 @@ function docsIn(file: string): unknown[] {
     .map((d) => d.toJS() as unknown)
     .filter((d) => d !== null && d !== undefined);
 }
-const yamlFiles = (dir: string) =>
-  readdirSync(dir)
-    .filter((f) => f.endsWith('.yaml'))
-    .sort()
-    .map((f) => join(dir, f));
+const yamlFiles = (dir: string): string[] =>
+  readdirSync(dir, { withFileTypes: true })
+    .sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0))
+    .flatMap((e) => (e.isDirectory() ? yamlFiles(join(dir, e.name)) : e.name.endsWith('.yaml') ? [join(dir, e.name)] : []));
 
 describe('JSON Schema for editors', () => {
   test('the committed schema is current (npm run schema)', () => {
@@ -131,17 +133,20 @@ describe('JSON Schema for editors', () => {
     assert.equal(schema.$schema, 'https://json-schema.org/draft/2020-12/schema');
     assert.deepEqual(schema.required, ['apiVersion', 'kind', 'metadata', 'spec']);
     const props = schema.properties as Record<string, Schema>;
-    assert.deepEqual(props.kind?.enum, ['Gateway', 'VirtualService', 'DestinationRule', 'ServiceEntry']);
-    assert.deepEqual(props.apiVersion?.enum, ['networking.istio.io/v1', 'networking.istio.io/v1beta1', 'networking.istio.io/v1alpha3']);
+    const kinds = ['Gateway', 'VirtualService', 'DestinationRule', 'ServiceEntry', 'RequestAuthentication', 'AuthorizationPolicy', 'Quota', 'Adapter'];
+    assert.deepEqual(props.kind?.enum, kinds);
+    assert.deepEqual(props.apiVersion?.enum, [
+      'networking.istio.io/v1',
+      'networking.istio.io/v1beta1',
+      'networking.istio.io/v1alpha3',
+      'security.istio.io/v1',
+      'security.istio.io/v1beta1',
+      'meshgate.io/v1alpha1',
+    ]);
     const branches = schema.allOf as { if: { properties: { kind: { const: string } } }; then: { properties: { spec: { $ref: string } } } }[];
     assert.deepEqual(
       branches.map((b) => [b.if.properties.kind.const, b.then.properties.spec.$ref]),
-      [
-        ['Gateway', '#/$defs/Gateway'],
-        ['VirtualService', '#/$defs/VirtualService'],
-        ['DestinationRule', '#/$defs/DestinationRule'],
-        ['ServiceEntry', '#/$defs/ServiceEntry'],
-      ],
+      kinds.map((k) => [k, `#/$defs/${k}`]),
     );
   });
 
@@ -186,5 +191,22 @@ describe('JSON Schema for editors', () => {
     assert.deepEqual(errors(vs({ hosts: ['Hello.Example.COM'] })), [], 'hosts are case-insensitive, as the loader');
     assert.equal(errors(vs({ hosts: ['a'] }, 'networking.istio.io/v2')).length, 2);
     assert.deepEqual(errors({ ...vs({ hosts: ['a'] }), kind: 'Sidecar' }), ['.kind: "Sidecar" not in enum']);
+  });
+
+  test('security and meshgate kinds: their apiVersions, unsupported Istio fields, durations', () => {
+    const doc = (apiVersion: string, kind: string, spec: unknown) => ({ apiVersion, kind, metadata: { name: 'x' }, spec });
+    const ap = (source: unknown) => doc('security.istio.io/v1', 'AuthorizationPolicy', { action: 'DENY', rules: [{ from: [{ source }] }] });
+    assert.deepEqual(errors(ap({ ipBlocks: ['10.0.0.0/8'] })), []);
+    assert.match(errors(ap({ serviceAccounts: ['default/sleep'] }))[0] ?? '', /^\.spec\.rules\[0\]\.from\[0\]\.source\.serviceAccounts: not allowed/);
+    assert.deepEqual(errors({ ...ap({}), apiVersion: 'security.istio.io/v1beta1' }), []);
+    assert.equal(errors({ ...ap({}), apiVersion: 'meshgate.io/v1alpha1' }).length, 1);
+    const quota = (spec: Record<string, unknown>) => doc('meshgate.io/v1alpha1', 'Quota', { maxAmount: 10, validDuration: '1s', ...spec });
+    assert.deepEqual(errors(quota({ rateLimitAlgorithm: 'ROLLING_WINDOW', bucketDuration: '100ms' })), []);
+    assert.deepEqual(errors(quota({ validDuration: 'a second' })), [
+      '.spec.validDuration: "a second" does not match ^((\\d+(\\.\\d*)?|\\.\\d+)(ns|us|µs|ms|s|m|h))+$',
+    ]);
+    assert.deepEqual(errors(quota({ maxAmount: -1 })), ['.spec.maxAmount: minimum 0']);
+    assert.deepEqual(errors(doc('meshgate.io/v1alpha1', 'Adapter', { module: './a.ts', params: { any: ['json'] } })), []);
+    assert.deepEqual(errors(doc('meshgate.io/v1alpha1', 'Adapter', {})), ['.spec.module: required']);
   });
 });

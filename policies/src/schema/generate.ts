@@ -33,7 +33,8 @@ function override(ctx: { zodSchema: z.core.$ZodTypes; jsonSchema: Json }): void 
     return;
   }
   if (typeof js.pattern === 'string') js.pattern = caseInsensitivePattern(ctx.zodSchema, js.pattern);
-  if (ctx.zodSchema === duration) {
+  // `duration.describe(…)` is a clone that shares duration's definition.
+  if (ctx.zodSchema === duration || def === duration._zod.def) {
     js.pattern = DURATION_PATTERN;
     return;
   }

@@ -1,7 +1,11 @@
 import type * as z from 'zod';
+import { adapterSpec, quotaSpec } from './meshgate.ts';
 import { destinationRuleSpec, gatewaySpec, serviceEntrySpec, virtualServiceSpec } from './networking.ts';
+import { authorizationPolicySpec, requestAuthenticationSpec } from './security.ts';
 
 const NETWORKING = ['networking.istio.io/v1', 'networking.istio.io/v1beta1', 'networking.istio.io/v1alpha3'] as const;
+const SECURITY = ['security.istio.io/v1', 'security.istio.io/v1beta1'] as const;
+const MESHGATE = ['meshgate.io/v1alpha1'] as const;
 
 /** Every kind meshgate accepts, with the apiVersions it answers to and its spec schema. */
 export const KINDS = {
@@ -9,6 +13,10 @@ export const KINDS = {
   VirtualService: { apiVersions: NETWORKING, spec: virtualServiceSpec },
   DestinationRule: { apiVersions: NETWORKING, spec: destinationRuleSpec },
   ServiceEntry: { apiVersions: NETWORKING, spec: serviceEntrySpec },
+  RequestAuthentication: { apiVersions: SECURITY, spec: requestAuthenticationSpec },
+  AuthorizationPolicy: { apiVersions: SECURITY, spec: authorizationPolicySpec },
+  Quota: { apiVersions: MESHGATE, spec: quotaSpec },
+  Adapter: { apiVersions: MESHGATE, spec: adapterSpec },
 } as const;
 export type Kind = keyof typeof KINDS;
 export type SpecOf<K extends Kind> = z.output<(typeof KINDS)[K]['spec']>;
@@ -20,12 +28,8 @@ export const LATER_KINDS: Record<string, string> = {
   WorkloadGroup: 'arrives with the mesh-agent work',
   EnvoyFilter: 'meshgate is not Envoy; use an Adapter',
   ProxyConfig: 'not planned',
-  RequestAuthentication: 'arrives with the edge security work',
-  AuthorizationPolicy: 'arrives with the edge security work',
   PeerAuthentication: 'arrives with the mesh-agent work',
   Telemetry: 'not planned yet',
   WasmPlugin: 'not planned',
-  Quota: 'arrives with the edge security work',
-  Adapter: 'arrives with the edge security work',
   MeshConfig: 'arrives with the egress gateway work',
 };
