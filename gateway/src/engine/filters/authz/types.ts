@@ -122,7 +122,11 @@ export interface AuthzAttributes {
 
 /** A CUSTOM adapter's verdict (Envoy ext_authz style). */
 export type CustomVerdict =
-  | { readonly allow: true }
+  | {
+      readonly allow: true;
+      /** Request headers to set (overwrite) on the request sent upstream, lower-case names. */
+      readonly upstreamHeaders?: Readonly<Record<string, string>>;
+    }
   | {
       readonly allow: false;
       /** Default 403. */
