@@ -76,7 +76,7 @@ function exchange(lines: readonly (readonly [string, string])[] = [], query = ''
     else if (n === 'cookie') headers[n] = `${prev}; ${v}`;
     else if (n !== 'authorization') headers[n] = `${prev}, ${v}`;
   }
-  return { headers, req: { rawHeaders: lines.flat() }, query, scheme: 'https', authority: 'api.test', path: '/things' };
+  return { headers, req: { rawHeaders: lines.flat() }, query, scheme: 'https', authority: 'api.test', path: '/things', method: 'GET', auth: undefined };
 }
 
 const bearer = (t: string) => [['Authorization', `Bearer ${t}`]] as const;
@@ -430,7 +430,16 @@ describe('jwt_authn filter: edges', () => {
       await once(sock, 'close');
       const req = seen[0] as IncomingMessage;
       assert.equal(typeof req.headers.authorization, 'string', 'node folded the duplicate away');
-      const x: JwtRequestView = { headers: req.headers, req, query: '', scheme: 'http', authority: 'api.test', path: '/things' };
+      const x: JwtRequestView = {
+        headers: req.headers,
+        req,
+        query: '',
+        scheme: 'http',
+        authority: 'api.test',
+        path: '/things',
+        method: 'GET',
+        auth: undefined,
+      };
       const r = await run(x);
       assert.equal(r?.details, 'jwt_authn_multiple_tokens');
     } finally {

@@ -286,8 +286,11 @@ describe('malformed HTTP/1.1 requests', () => {
     assert.deepEqual(await seen('/../../etc/passwd'), ['/etc/passwd']);
     assert.deepEqual(await seen('/a/%2e%2e/%2E%2E/%2e%2e/etc?x=1'), ['/etc?x=1']);
     assert.deepEqual(await seen('/a/./b/../c'), ['/a/c']);
-    // %2F is not a separator (Istio's default: escaped slashes kept); the upstream sees it unchanged.
-    assert.deepEqual(await seen('/a/..%2f..%2fetc'), ['/a/..%2F..%2Fetc']);
+  });
+
+  test('%2F and %5C (escaped slashes) → 400: an upstream that decodes them would see another path than the one routed and authorized', async () => {
+    await rejects(`GET /a/..%2f..%2fetc HTTP/1.1\r\n${HOST}Connection: close\r\n\r\n`, 400);
+    await rejects(`GET /a/..%5c..%5cetc HTTP/1.1\r\n${HOST}Connection: close\r\n\r\n`, 400);
   });
 
   test('RFC 3986 §2.1: %00 (encoded NUL) in the path → 400', async () => {

@@ -4,7 +4,10 @@ import type { FastifyInstance } from 'fastify';
 import pino, { type Logger } from 'pino';
 import { Registry } from 'prom-client';
 import { GatewayError, GatewayErrorCode } from '../engine/details.ts';
+import type { JwtOptions } from '../engine/filters/jwt/index.ts';
 import { type AccessLogRecord, Engine } from '../engine/proxy.ts';
+import { MemoryQuotaStore, type QuotaStore } from '../engine/quota/index.ts';
+import { buildSecurity } from '../engine/security.ts';
 import { Snapshot } from '../engine/snapshot.ts';
 import { Telemetry } from '../engine/telemetry.ts';
 import { PoolRegistry } from '../engine/upstream.ts';
@@ -48,6 +51,17 @@ export interface GatewayOptions {
   readonly websocket?: Partial<WebSocketOptions>;
   /** Proxies in front whose X-Forwarded-For is trusted (Envoy's xff_num_trusted_hops); default 0. */
   readonly xffTrustedHops?: number;
+  /**
+   * Where Quota counters live: default an in-memory store (one process). For several workers or
+   * replicas, a RedisQuotaStore (see edge/quota-store.ts). Not closed by close(): the owner does.
+   */
+  readonly quotaStore?: QuotaStore;
+  /** Istio's root namespace: security resources there apply to every gateway. Default istio-system. */
+  readonly rootNamespace?: string;
+  /** JWT verification options (clock skew, token cache, JWKS cooldown). */
+  readonly jwt?: JwtOptions;
+  /** Used for RequestAuthentication jwksUri (tests inject one). Default: global fetch. */
+  readonly fetch?: typeof globalThis.fetch;
 }
 
 export type ReloadResult =
@@ -78,9 +92,13 @@ export class Gateway {
   #debounce: NodeJS.Timeout | undefined;
   #lastReload: { at: string; result: string; errors: readonly string[] } | undefined;
   #closed = false;
+  readonly #quotaStore: QuotaStore;
+  readonly #ownStore: boolean;
 
   private constructor(opts: GatewayOptions) {
     this.#opts = opts;
+    this.#ownStore = opts.quotaStore === undefined;
+    this.#quotaStore = opts.quotaStore ?? new MemoryQuotaStore();
     this.logger = opts.logger ?? pino({ base: { component: 'meshgate' }, redact: ['req.headers.authorization', 'req.headers.cookie'] });
     this.registry = opts.registry ?? new Registry();
     this.telemetry = new Telemetry(this.registry, { workload: opts.workload ?? 'meshgate-ingressgateway', namespace: opts.namespace ?? 'istio-system' });
@@ -169,13 +187,36 @@ export class Gateway {
       this.telemetry.reloads.inc({ result: 'unchanged' });
       return { result: 'unchanged', version: config.version };
     }
+    const labels = this.#opts.labels ?? DEFAULT_LABELS;
+    const security = await buildSecurity(config.resources, {
+      workload: {
+        namespace: this.#opts.namespace ?? 'istio-system',
+        labels,
+        rootNamespace: this.#opts.rootNamespace ?? 'istio-system',
+        gateways: [...new Set(config.listeners.flatMap((l) => l.gateways))],
+      },
+      quotaStore: this.#quotaStore,
+      xffTrustedHops: this.#opts.xffTrustedHops ?? 0,
+      ...(this.#opts.jwt === undefined ? {} : { jwt: this.#opts.jwt }),
+      ...(this.#opts.fetch === undefined ? {} : { fetch: this.#opts.fetch }),
+      logger: this.logger,
+      onJwksError: (uri, err) => this.logger.warn({ err: err.message, jwksUri: uri }, 'JWKS fetch failed; the last good keys stay in use'),
+    }).catch((err: unknown) => ({ ok: false as const, diagnostics: [], error: err as Error }));
+    if (!security.ok) {
+      const errors = security.diagnostics.map(formatDiagnostic);
+      if ('error' in security) errors.push(security.error.message);
+      return this.#rejected(errors);
+    }
     let next: Snapshot;
     let closeRemoved: () => Promise<void>;
     try {
-      next = new Snapshot(config, { pools: this.#pools, telemetry: this.telemetry });
+      next = new Snapshot(config, { pools: this.#pools, telemetry: this.telemetry, security: security.plan });
     } catch (err) {
+      security.plan.close().catch(() => {});
       return this.#rejected([(err as Error).message]);
     }
+    // Key sets are fetched before the snapshot serves, not on its first request.
+    await security.plan.warm();
     try {
       closeRemoved = await this.#listeners.prepare(next);
     } catch (err) {
@@ -236,6 +277,7 @@ export class Gateway {
     this.engine.snapshot = undefined;
     this.engine.close();
     await this.#pools.closeAll();
+    if (this.#ownStore) await this.#quotaStore.close();
   }
 }
 

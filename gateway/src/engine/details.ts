@@ -39,6 +39,29 @@ export const Details = {
   downstream_reset: { flag: 'DC' },
   websocket_origin_not_allowed: { flag: '-' },
   websocket_invalid_handshake: { flag: 'DPE' },
+  // Edge security (jwt_authn, RBAC, ext_authz, quota). jwt_authn sets no flag, as Envoy's.
+  jwt_authn_multiple_tokens: { flag: '-' },
+  jwt_authn_token_too_large: { flag: '-' },
+  jwt_authn_malformed: { flag: '-' },
+  jwt_authn_alg_not_allowed: { flag: '-' },
+  jwt_authn_header_not_allowed: { flag: '-' },
+  jwt_authn_unknown_issuer: { flag: '-' },
+  jwt_authn_unknown_kid: { flag: '-' },
+  jwt_authn_jwks_unavailable: { flag: '-' },
+  jwt_authn_invalid_signature: { flag: '-' },
+  jwt_authn_expired: { flag: '-' },
+  jwt_authn_missing_exp: { flag: '-' },
+  jwt_authn_not_yet_valid: { flag: '-' },
+  jwt_authn_audience_not_allowed: { flag: '-' },
+  jwt_authn_invalid_token: { flag: '-' },
+  /** An AuthorizationPolicy denied (the access log carries the policy: rbac_access_denied_matched_policy[…]). */
+  rbac_access_denied: { flag: 'RBAC' },
+  /** A CUSTOM provider (Adapter) denied. */
+  ext_authz_denied: { flag: 'UAEX' },
+  /** A CUSTOM provider failed and the request failed closed. */
+  ext_authz_error: { flag: 'UAEX' },
+  /** A Quota was exhausted (Envoy's RL flag). */
+  rate_limited: { flag: 'RL' },
 } as const satisfies Record<string, { flag: string }>;
 export type DetailsName = keyof typeof Details;
 
@@ -56,6 +79,8 @@ export const LOCAL_BODIES: Partial<Record<DetailsName, string>> = {
   internal_error: 'Internal Server Error',
   websocket_origin_not_allowed: 'origin not allowed',
   listener_draining: 'listener draining',
+  rbac_access_denied: 'RBAC: access denied',
+  rate_limited: 'Too Many Requests',
 };
 
 /** Error codes that mean the upstream connection was never made (Envoy: connect failure, flag UF). */
@@ -74,6 +99,8 @@ export const CONNECT_FAILURE_CODES: ReadonlySet<string> = new Set([
 export interface LocalReply {
   readonly status: number;
   readonly details: DetailsName;
+  /** A more specific details string for the access log (e.g. the RBAC policy that denied); metrics keep `details`. */
+  readonly detailText?: string;
   readonly body?: string | Buffer;
   readonly headers?: Readonly<Record<string, string>>;
 }

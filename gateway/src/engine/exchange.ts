@@ -2,6 +2,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { MatchInput } from '@meshgate/policies';
 import type { RequestBody } from './body.ts';
 import type { DetailsName } from './details.ts';
+import type { AuthResult } from './filters/jwt/config.ts';
 import type { RuntimeListener, RuntimeRoute, RuntimeVirtualHost, Snapshot } from './snapshot.ts';
 import type { RuntimeCluster, RuntimeEndpoint } from './upstream.ts';
 
@@ -39,6 +40,12 @@ export class Exchange implements MatchInput {
   endpoint: RuntimeEndpoint | undefined;
   status = 0;
   details: DetailsName = 'via_upstream';
+  /** The access log's response_code_details when more specific than `details` (the RBAC policy that denied…). */
+  detailText: string | undefined;
+  /** The verified JWT (Istio's request.auth.*); undefined: unauthenticated. Set by jwt_authn. */
+  auth: AuthResult | undefined;
+  /** The AUDIT AuthorizationPolicy rule that matched, for the access log. */
+  audit: string | undefined;
   /** Flags beyond the one implied by details (DI for an injected delay, URX...). */
   extraFlags = '';
   bytesReceived = 0;

@@ -1,8 +1,9 @@
+export type * from './adapters/types.ts';
 export * from './details.ts';
 export { Exchange } from './exchange.ts';
 export type { FilterResult, HttpFilter } from './filter.ts';
 export * from './headers.ts';
-export { normalizePath } from './path.ts';
+export { type NormalizedTarget, normalizeRequestTarget, type PathNormalizeOptions, type PathRejection } from './normalize-path.ts';
 export { type AccessLogRecord, Engine, type EngineDeps } from './proxy.ts';
 export { RandomHex } from './random.ts';
 export * from './snapshot.ts';

@@ -10,7 +10,7 @@ import { Exchange } from './exchange.ts';
 import type { HttpFilter } from './filter.ts';
 import { type H2Client, H2Clients, type UpstreamController, type UpstreamHandler, UpstreamStreamReset } from './h2pool.ts';
 import { applyMutation, downstreamResponseHeaders, nextTraceparent, upstreamRequestHeaders, validRequestId } from './headers.ts';
-import { normalizePath } from './path.ts';
+import { normalizeRequestTarget } from './normalize-path.ts';
 import { RandomHex } from './random.ts';
 import { findRuntimeVirtualHost, type RuntimeDestination, type RuntimeRoute, type Snapshot } from './snapshot.ts';
 import type { MetricSlot, Telemetry } from './telemetry.ts';
@@ -230,12 +230,15 @@ export class Engine {
     x.host = hostOnly(authority);
     const ct = h['content-type'];
     x.grpc = ct?.startsWith('application/grpc') === true;
-    const q = url.indexOf('?');
-    const path = normalizePath(q < 0 ? url : url.slice(0, q));
-    if (path === undefined) return { status: 400, details: 'invalid_request' };
+    // One normalizer for routing, authorization and the upstream: what a route or a policy judged is
+    // the path the upstream receives; spellings an upstream could read differently are refused.
+    const target = normalizeRequestTarget(url);
+    if (!target.ok) return { status: 400, details: 'invalid_request', detailText: `invalid_request_path{${target.reason}}` };
+    const path = target.path;
     x.path = path;
-    x.query = q < 0 ? '' : url.slice(q + 1);
-    x.pathWithQuery = q < 0 ? path : path + url.slice(q);
+    x.query = target.query;
+    const q = url.indexOf('?');
+    x.pathWithQuery = q < 0 ? path : `${path}?${target.query}`;
     const vhost = findRuntimeVirtualHost(x.listener, x.host);
     if (vhost === undefined) return { status: 404, details: 'route_not_found' };
     x.vhost = vhost;
@@ -301,6 +304,7 @@ export class Engine {
   reply(x: Exchange, r: LocalReply): void {
     x.status = r.status;
     x.details = r.details;
+    if (r.detailText !== undefined) x.detailText = r.detailText;
     const res = x.res;
     if (res.headersSent) {
       resetDownstream(res, undefined);
@@ -379,7 +383,9 @@ export class Engine {
     const slot = x.endpoint?.metrics ?? x.cluster?.metrics ?? this.#noDestination;
     if (x.grpc) slot.grpc.record(x.status, flags, duration, x.bytesReceived, x.bytesSent, x.grpcStatus);
     else slot.record(x.status, flags, duration, x.bytesReceived, x.bytesSent);
-    this.#deps.accessLog?.(accessRecord(x, x.status, flags, x.details, duration));
+    this.#deps.accessLog?.(accessRecord(x, x.status, flags, x.detailText ?? x.details, duration));
+    const reporters = x.snap.reporters;
+    if (reporters.length > 0 && x.route !== undefined) for (const r of reporters) r(x, duration);
     // A client gone before its response finished: the upstream attempt (or a waiting retry) stops.
     if (!x.res.writableFinished) x.upstream?.abortForDownstream();
     x.snap.release();

@@ -10,9 +10,11 @@ import {
   type VirtualHost,
 } from '@meshgate/policies';
 import { GatewayError, GatewayErrorCode } from './details.ts';
+import type { Exchange } from './exchange.ts';
 import type { HttpFilter } from './filter.ts';
 import { corsFilter } from './filters/cors.ts';
 import { faultFilter } from './filters/fault.ts';
+import type { SecurityPlan } from './security.ts';
 import type { TcpSlot, Telemetry } from './telemetry.ts';
 import { type PoolRegistry, RuntimeCluster } from './upstream.ts';
 
@@ -100,7 +102,11 @@ export interface SniTable {
 export interface SnapshotDeps {
   readonly pools: PoolRegistry;
   readonly telemetry: Telemetry;
+  /** Edge security (jwt_authn, authorization, quotas, adapters) compiled for this configuration. */
+  readonly security?: SecurityPlan;
 }
+
+const NO_REPORTERS: readonly ((x: Exchange, durationMs: number) => void)[] = [];
 
 /**
  * The runtime form of one configuration: route tables, filter chains, clusters with their pools and
@@ -115,6 +121,9 @@ export class Snapshot {
   readonly clusters: ReadonlyMap<string, RuntimeCluster>;
   /** TCP metrics of connections that reached no destination (no route, no SNI, unknown cluster). */
   readonly tcpNoDestination: TcpSlot;
+  readonly security: SecurityPlan | undefined;
+  /** Run in the log phase of every routed request (Adapters' report). */
+  readonly reporters: readonly ((x: Exchange, durationMs: number) => void)[];
   #inflight = 0;
   #retired = false;
   #onDrained: (() => void) | undefined;
@@ -128,12 +137,15 @@ export class Snapshot {
     for (const [name, c] of config.clusters) clusters.set(name, new RuntimeCluster(c, deps.pools, deps.telemetry));
     this.clusters = clusters;
     this.tcpNoDestination = deps.telemetry.slot(undefined).tcp;
+    this.security = deps.security;
+    this.reporters = deps.security?.reporters ?? NO_REPORTERS;
+    const security = deps.security === undefined || deps.security.empty ? undefined : deps.security;
     try {
       const routeCache = new Map<CompiledRoute, RuntimeRoute>();
       const runtimeRoute = (r: CompiledRoute): RuntimeRoute => {
         let rr = routeCache.get(r);
         if (rr === undefined) {
-          rr = buildRoute(r, clusters);
+          rr = buildRoute(r, clusters, security);
           routeCache.set(r, rr);
         }
         return rr;
@@ -188,6 +200,7 @@ export class Snapshot {
 
   #drained(): void {
     this.#release();
+    this.security?.close().catch(() => {});
     this.#onDrained?.();
     this.#onDrained = undefined;
   }
@@ -200,8 +213,9 @@ export class Snapshot {
   }
 }
 
-function buildRoute(r: CompiledRoute, clusters: ReadonlyMap<string, RuntimeCluster>): RuntimeRoute {
-  const filters: HttpFilter[] = [];
+function buildRoute(r: CompiledRoute, clusters: ReadonlyMap<string, RuntimeCluster>, security: SecurityPlan | undefined): RuntimeRoute {
+  // Istio's order: authentication, authorization and quota before CORS and fault injection.
+  const filters: HttpFilter[] = security === undefined ? [] : [...security.filtersFor(r)];
   if (r.cors !== undefined) filters.push(corsFilter(r.cors));
   if (r.fault !== undefined) filters.push(faultFilter(r.fault));
   let cumulative = 0;

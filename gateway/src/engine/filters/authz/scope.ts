@@ -8,6 +8,8 @@ export interface AuthzWorkload {
   readonly labels: Readonly<Record<string, string>>;
   /** The Gateway resource name, for `targetRef(s)` of kind Gateway. */
   readonly gatewayName?: string | undefined;
+  /** Every Gateway resource this gateway serves, as `namespace/name` (a targetRef may name any of them). */
+  readonly gateways?: readonly string[] | undefined;
   /** Istio's root namespace: policies there apply mesh-wide. Default `istio-system`. */
   readonly rootNamespace?: string | undefined;
 }
@@ -16,6 +18,7 @@ const GATEWAY_GROUPS = new Set(['gateway.networking.k8s.io', 'networking.istio.i
 
 function refersTo(ref: AuthzTargetRef, policyNamespace: string, w: AuthzWorkload): boolean {
   if (ref.kind !== 'Gateway' || !GATEWAY_GROUPS.has(ref.group ?? 'gateway.networking.k8s.io')) return false;
+  if (w.gateways?.includes(`${ref.namespace ?? policyNamespace}/${ref.name}`) === true) return (ref.namespace ?? policyNamespace) === policyNamespace;
   // A targetRef names a resource in the policy's own namespace (Istio refuses another namespace).
   if ((ref.namespace ?? policyNamespace) !== policyNamespace || policyNamespace !== w.namespace) return false;
   return w.gatewayName !== undefined && ref.name === w.gatewayName;

@@ -105,8 +105,8 @@ export interface AuthResult {
 }
 
 /**
- * `details` of jwt_authn local replies (and of the outcome when there is none), Envoy-like. To be
- * merged into the Details registry in ../../details.ts when the filter is wired. None sets a flag:
+ * `details` of jwt_authn local replies (and of the outcome when there is none), Envoy-like, with
+ * their bodies. Each name is also in the Details registry (../../details.ts). None sets a flag:
  * Envoy's jwt_authn sets no response flag.
  */
 export const JwtDetails = {

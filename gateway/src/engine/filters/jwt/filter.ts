@@ -1,5 +1,5 @@
 import type { IncomingHttpHeaders } from 'node:http';
-import { type DetailsName, GatewayError, GatewayErrorCode, type LocalReply } from '../../details.ts';
+import { GatewayError, GatewayErrorCode, type LocalReply } from '../../details.ts';
 import type { HttpFilter } from '../../filter.ts';
 import { type AuthResult, JWT_DEFAULTS, type JwtDeps, JwtDetails, type JwtFailure, type JwtOptions, type JwtRule } from './config.ts';
 import type { JwksStatus } from './keys.ts';
@@ -16,16 +16,14 @@ export interface JwtRequestView {
   readonly scheme: string;
   readonly authority: string;
   readonly path: string;
+  readonly method: string;
+  /** Set on success: the verified identity authorization and quotas read (Exchange.auth). */
+  auth: AuthResult | undefined;
 }
 
-/**
- * The verified identity of each request, until Exchange gets a field for it (authorization reads
- * it; absent means unauthenticated). Weak: it goes with the exchange.
- */
-export const authResults = new WeakMap<object, AuthResult>();
-
-export function authResultOf(x: object): AuthResult | undefined {
-  return authResults.get(x);
+/** The verified identity of a request (undefined: unauthenticated). */
+export function authResultOf(x: { readonly auth?: AuthResult | undefined }): AuthResult | undefined {
+  return x.auth;
 }
 
 export interface JwtAuthnFilter extends HttpFilter {
@@ -61,7 +59,7 @@ const HEADER_SAFE = /^[\t\x20-\x7e]*$/;
  * `meshgate.jwt_authn`: Istio RequestAuthentication. No token: the request continues
  * unauthenticated (authorization decides). More than one token, or one that fails: 401 with
  * `www-authenticate: Bearer realm="…", error="invalid_token"` (RFC 6750 §3). A good token: its
- * AuthResult is recorded in `authResults` and the rule's output headers are applied to `x.headers`,
+ * AuthResult is recorded in `x.auth` and the rule's output headers are applied to `x.headers`,
  * which the router copies upstream after the chain ran.
  *
  * Throws GatewayError(GW_ERR_INVALID_CONFIG) when a rule has no usable key source, or an output
@@ -117,7 +115,7 @@ export function jwtAuthnFilter(rules: readonly JwtRule[], deps: JwtDeps, opts: J
     const r: LocalReply = {
       status: 401,
       // The jwt_authn_* names join the Details registry when the filter is wired; until then, this cast.
-      details: d as unknown as DetailsName,
+      details: d,
       body: JwtDetails[d].body,
       headers: { 'www-authenticate': `Bearer realm="${realm}", error="invalid_token"` },
     };
@@ -167,7 +165,7 @@ export function jwtAuthnFilter(rules: readonly JwtRule[], deps: JwtDeps, opts: J
   };
 
   const succeed = (x: JwtRequestView, found: Found, out: VerifyOutcome & { ok: true }): undefined => {
-    authResults.set(x, out.result);
+    x.auth = out.result;
     const o = outputs[out.rule] as RuleOutput;
     const h = x.headers;
     if (o.payloadHeader !== undefined) h[o.payloadHeader] = found.token.split('.')[1];
@@ -187,6 +185,9 @@ export function jwtAuthnFilter(rules: readonly JwtRule[], deps: JwtDeps, opts: J
     warm: () => verifier.warm(),
     onRequest(x) {
       for (const name of outputHeaders) delete x.headers[name];
+      // A CORS preflight carries no credentials (Fetch standard): it is not authenticated, as Envoy's
+      // bypass_cors_preflight, which Istio turns on. Authorization still judges it.
+      if (x.method === 'OPTIONS' && x.headers.origin !== undefined && x.headers['access-control-request-method'] !== undefined) return undefined;
       const found = extract(x);
       if (found.length === 0) return undefined;
       if (found.length > 1) return reply(x, 'jwt_authn_multiple_tokens');

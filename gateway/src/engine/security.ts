@@ -1,0 +1,478 @@
+import type { CompiledRoute, Diagnostic, Resource } from '@meshgate/policies';
+import { hostCovers, PolicyErrorCode, qualifyHost, resolveAdapterModule } from '@meshgate/policies';
+import { type AdapterConfig, AdapterLoadError, type AdapterLogger, customCheck, loadAdapters, type RuntimeAdapter } from './adapters/runtime.ts';
+import type { LocalReply } from './details.ts';
+import type { Exchange } from './exchange.ts';
+import type { FilterResult, HttpFilter } from './filter.ts';
+import type { AuthorizationPolicyResource, AuthzDecision, AuthzTargetRef, AuthzWorkload, CompiledAuthorization, CustomCheck } from './filters/authz/index.ts';
+import { AuthzConfigError, compileAuthorization, exchangeAttributes, policyApplies, remoteClientIp } from './filters/authz/index.ts';
+import { type JwtAuthnFilter, type JwtOptions, type JwtRule, jwtAuthnFilter } from './filters/jwt/index.ts';
+import { type AttributeRef, type CompiledQuota, checkQuotas, compileQuota, parseAttribute, type QuotaStore } from './quota/index.ts';
+
+/**
+ * The edge-security half of a snapshot (Istio's Citadel-at-the-edge and Mixer roles): the
+ * RequestAuthentications, AuthorizationPolicies, Quotas and Adapters that apply to this gateway,
+ * compiled once per configuration into one filter chain per route:
+ *   jwt_authn → authorization (CUSTOM → DENY → ALLOW) → quota → (the route's CORS, fault) → router,
+ * Istio's order (authentication and RBAC before CORS; jwt_authn lets CORS preflights through).
+ */
+
+export interface SecurityOptions {
+  /** The workload this gateway enforces for: namespace, labels, root namespace (policy scope, Istio's). */
+  readonly workload: AuthzWorkload;
+  readonly quotaStore: QuotaStore;
+  /** Envoy's xff_num_trusted_hops: `remote.ip` / quota `source.ip` come from X-Forwarded-For past these. */
+  readonly xffTrustedHops?: number;
+  readonly jwt?: JwtOptions;
+  /** Injected world (tests). */
+  readonly now?: () => number;
+  readonly fetch?: typeof globalThis.fetch;
+  readonly onJwksError?: (uri: string, err: Error) => void;
+  /** Where adapter failures are logged (throttled). Default: only counted. */
+  readonly logger?: AdapterLogger;
+  /** The directory relative policy paths were loaded against (adapter modules resolve from their YAML file). */
+  readonly cwd?: string;
+}
+
+export type SecurityBuild = { readonly ok: true; readonly plan: SecurityPlan } | { readonly ok: false; readonly diagnostics: readonly Diagnostic[] };
+
+// The spec shapes as the policies package validates them (durations already in ms).
+interface JwtRuleSpec {
+  readonly issuer: string;
+  readonly audiences?: readonly string[];
+  readonly jwksUri?: string;
+  readonly jwks?: string;
+  readonly fromHeaders?: readonly { readonly name: string; readonly prefix?: string }[];
+  readonly fromParams?: readonly string[];
+  readonly fromCookies?: readonly string[];
+  readonly outputPayloadToHeader?: string;
+  readonly outputClaimToHeaders?: readonly { readonly header: string; readonly claim: string }[];
+  readonly forwardOriginalToken?: boolean;
+  readonly timeout?: number;
+}
+interface ScopedSpec {
+  readonly selector?: { readonly matchLabels?: Readonly<Record<string, string>> };
+  readonly targetRef?: AuthzTargetRef;
+  readonly targetRefs?: readonly AuthzTargetRef[];
+}
+interface RequestAuthenticationSpec extends ScopedSpec {
+  readonly jwtRules?: readonly JwtRuleSpec[];
+}
+interface QuotaSpec {
+  readonly selector?: { readonly matchLabels?: Readonly<Record<string, string>> };
+  readonly hosts?: readonly string[];
+  readonly routes?: readonly string[];
+  readonly dimensions?: Readonly<Record<string, string>>;
+  readonly maxAmount: number;
+  readonly validDuration: number;
+  readonly rateLimitAlgorithm?: 'FIXED_WINDOW' | 'ROLLING_WINDOW';
+  readonly bucketDuration?: number;
+  readonly overrides?: readonly { readonly dimensions: Readonly<Record<string, string>>; readonly maxAmount: number; readonly validDuration?: number }[];
+  readonly charge?: number;
+  readonly failureMode?: 'open' | 'closed';
+  readonly insuranceMaxAmount?: number;
+}
+interface AdapterSpec {
+  readonly selector?: { readonly matchLabels?: Readonly<Record<string, string>> };
+  readonly module: string;
+  readonly params?: Readonly<Record<string, unknown>>;
+  readonly timeout?: number;
+  readonly failureMode?: 'open' | 'closed';
+}
+
+const ADAPTER_TIMEOUT_MS = 200;
+
+/** Resources of one kind in (namespace, name) order, so every replica compiles them alike. */
+function ofKind(resources: readonly Resource[], kind: string): Resource[] {
+  return resources.filter((r) => r.kind === kind).sort((a, b) => (a.namespace === b.namespace ? cmp(a.name, b.name) : cmp(a.namespace, b.namespace)));
+}
+const cmp = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0);
+
+/** `spec.rules[0].from[1].source.ipBlocks[0]` → ['spec', 'rules', 0, …] for a source position. */
+function pathOf(dotted: string): PropertyKey[] {
+  const out: PropertyKey[] = [];
+  for (const m of dotted.matchAll(/([^.[\]]+)|\[(\d+)\]/g)) out.push(m[2] !== undefined ? Number(m[2]) : (m[1] as string));
+  return out;
+}
+
+function diag(r: Resource, path: readonly PropertyKey[], code: Diagnostic['code'], message: string): Diagnostic {
+  let p = { line: 1, col: 1 };
+  // The deepest part of the path that exists in the document.
+  for (let n = path.length; n >= 0; n--) {
+    try {
+      p = r.source.position(path.slice(0, n));
+      break;
+    } catch {
+      // try a shorter path
+    }
+  }
+  const formatted = path.map((k, i) => (typeof k === 'number' ? `[${k}]` : i === 0 ? String(k) : `.${String(k)}`)).join('');
+  return { code, severity: 'error', file: r.source.file, line: p.line, col: p.col, resource: r.ref, path: formatted, message };
+}
+
+function asAuthzResource(r: Resource): AuthorizationPolicyResource {
+  return { namespace: r.namespace, name: r.name, spec: r.spec as unknown as AuthorizationPolicyResource['spec'] };
+}
+
+/** Does a resource's scope (root namespace, own namespace + selector, targetRef Gateway) take in this gateway? */
+function applies(r: Resource, w: AuthzWorkload): boolean {
+  return policyApplies(asAuthzResource(r), w);
+}
+
+/** Route-level targets: `targetRef(s)` of kind Service / ServiceEntry name a route's destination hosts. */
+function serviceTargets(r: Resource, serviceEntries: readonly Resource[]): string[] | undefined {
+  const spec = r.spec as unknown as ScopedSpec;
+  const refs = spec.targetRefs ?? (spec.targetRef === undefined ? [] : [spec.targetRef]);
+  const hosts: string[] = [];
+  let any = false;
+  for (const ref of refs) {
+    if (ref.kind === 'Service') {
+      any = true;
+      hosts.push(qualifyHost(ref.name, ref.namespace ?? r.namespace));
+    } else if (ref.kind === 'ServiceEntry') {
+      any = true;
+      const se = serviceEntries.find((s) => s.name === ref.name && s.namespace === (ref.namespace ?? r.namespace));
+      for (const h of (se?.spec as { hosts?: readonly string[] } | undefined)?.hosts ?? []) hosts.push(qualifyHost(h, se?.namespace ?? r.namespace));
+    }
+  }
+  return any ? hosts : undefined;
+}
+
+interface BoundQuota {
+  readonly compiled: CompiledQuota;
+  /** Route names the quota is bound to; undefined: any route. */
+  readonly routes: ReadonlySet<string> | undefined;
+  /** Host patterns; undefined: any host. */
+  readonly hosts: readonly string[] | undefined;
+}
+
+/**
+ * Compiles the security resources of a configuration for one gateway. Errors (beyond the schema,
+ * which the policies package checked) come back as diagnostics with the file, line and field.
+ */
+export async function buildSecurity(resources: readonly Resource[], opts: SecurityOptions): Promise<SecurityBuild> {
+  const w = opts.workload;
+  const out: Diagnostic[] = [];
+  const serviceEntries = resources.filter((r) => r.kind === 'ServiceEntry');
+
+  // Adapters first: CUSTOM policies name them.
+  const adapterConfigs: AdapterConfig[] = [];
+  const adapterSources = new Map<string, Resource>();
+  const reportScope: string[] = [];
+  for (const r of ofKind(resources, 'Adapter')) {
+    if (r.namespace !== (w.rootNamespace ?? 'istio-system') && r.namespace !== w.namespace) continue;
+    const spec = r.spec as unknown as AdapterSpec;
+    const prev = adapterSources.get(r.name);
+    if (prev !== undefined) {
+      out.push(diag(r, ['metadata', 'name'], PolicyErrorCode.CONFLICT, `an Adapter named ${r.name} is already declared by ${prev.ref}`));
+      continue;
+    }
+    adapterSources.set(r.name, r);
+    adapterConfigs.push({
+      name: r.name,
+      module: resolveAdapterModule(r as Resource<'Adapter'>, opts.cwd),
+      params: spec.params ?? {},
+      timeoutMs: spec.timeout ?? ADAPTER_TIMEOUT_MS,
+      failureMode: spec.failureMode ?? 'closed',
+    });
+    if (applies(r, w)) reportScope.push(r.name);
+  }
+
+  // RequestAuthentication: every jwtRule of every applicable resource, merged (Istio merges them).
+  const jwtRules: JwtRule[] = [];
+  const jwtSources: { r: Resource; index: number }[] = [];
+  for (const r of ofKind(resources, 'RequestAuthentication')) {
+    if (!applies(r, w)) continue;
+    const spec = r.spec as unknown as RequestAuthenticationSpec;
+    (spec.jwtRules ?? []).forEach((rule, index) => {
+      jwtRules.push({
+        issuer: rule.issuer,
+        ...(rule.audiences === undefined ? {} : { audiences: rule.audiences }),
+        ...(rule.jwks === undefined ? {} : { jwks: rule.jwks }),
+        ...(rule.jwksUri === undefined ? {} : { jwksUri: rule.jwksUri }),
+        ...(rule.fromHeaders === undefined ? {} : { fromHeaders: rule.fromHeaders }),
+        ...(rule.fromParams === undefined ? {} : { fromParams: rule.fromParams }),
+        ...(rule.fromCookies === undefined ? {} : { fromCookies: rule.fromCookies }),
+        ...(rule.outputPayloadToHeader === undefined ? {} : { outputPayloadToHeader: rule.outputPayloadToHeader }),
+        ...(rule.outputClaimToHeaders === undefined ? {} : { outputClaimToHeaders: rule.outputClaimToHeaders }),
+        ...(rule.forwardOriginalToken === undefined ? {} : { forwardOriginalToken: rule.forwardOriginalToken }),
+        ...(rule.timeout === undefined ? {} : { timeoutMs: rule.timeout }),
+      });
+      jwtSources.push({ r, index });
+    });
+  }
+  let jwt: JwtAuthnFilter | undefined;
+  if (jwtRules.length > 0) {
+    try {
+      jwt = jwtAuthnFilter(
+        jwtRules,
+        {
+          now: opts.now ?? Date.now,
+          fetch: opts.fetch ?? globalThis.fetch,
+          ...(opts.onJwksError === undefined ? {} : { onJwksError: opts.onJwksError }),
+        },
+        opts.jwt,
+      );
+    } catch (err) {
+      const first = jwtSources[0] as { r: Resource; index: number };
+      out.push(diag(first.r, ['spec', 'jwtRules'], PolicyErrorCode.INVALID_VALUE, (err as Error).message));
+    }
+  }
+
+  // AuthorizationPolicy: gateway-wide ones, plus route-level ones (targetRef Service/ServiceEntry).
+  const gatewayPolicies: AuthorizationPolicyResource[] = [];
+  const routePolicies: { policy: AuthorizationPolicyResource; hosts: readonly string[] }[] = [];
+  const policySources = new Map<string, Resource>();
+  for (const r of ofKind(resources, 'AuthorizationPolicy')) {
+    policySources.set(`AuthorizationPolicy/${r.namespace}/${r.name}`, r);
+    const targets = serviceTargets(r, serviceEntries);
+    if (targets !== undefined) {
+      // A route-level policy lives in the gateway's namespace or the root namespace.
+      if (r.namespace === w.namespace || r.namespace === (w.rootNamespace ?? 'istio-system'))
+        routePolicies.push({ policy: asAuthzResource(r), hosts: targets });
+    } else if (applies(r, w)) gatewayPolicies.push(asAuthzResource(r));
+  }
+  const customProviders = new Set(adapterConfigs.map((a) => a.name));
+  const authzCache = new Map<string, CompiledAuthorization>();
+  const authzFor = (policies: readonly AuthorizationPolicyResource[]): CompiledAuthorization | undefined => {
+    const key = policies.map((p) => `${p.namespace}/${p.name}`).join('\n');
+    let a = authzCache.get(key);
+    if (a === undefined) {
+      try {
+        a = compileAuthorization(policies, { customProviders });
+      } catch (err) {
+        if (!(err instanceof AuthzConfigError)) throw err;
+        const src = policySources.get(err.resource);
+        if (src !== undefined && !out.some((d) => d.resource === err.resource && d.path === err.path)) {
+          out.push(diag(src, pathOf(err.path), err.code, err.message.slice(err.message.indexOf(': ') + 2)));
+        }
+        return undefined;
+      }
+      authzCache.set(key, a);
+    }
+    return a;
+  };
+  // Every policy compiled on its own once, so each mistake is reported (not just the first).
+  for (const p of [...gatewayPolicies, ...routePolicies.map((x) => x.policy)]) authzFor([p]);
+  const gatewayAuthz = authzFor(gatewayPolicies);
+
+  // Quotas.
+  const quotas: BoundQuota[] = [];
+  for (const r of ofKind(resources, 'Quota')) {
+    if (!applies(r, w)) continue;
+    const spec = r.spec as unknown as QuotaSpec;
+    let bad = false;
+    for (const [name, expr] of Object.entries(spec.dimensions ?? {})) {
+      if (parseAttribute(expr) === undefined) {
+        bad = true;
+        out.push(
+          diag(
+            r,
+            ['spec', 'dimensions', name],
+            PolicyErrorCode.INVALID_VALUE,
+            `unknown attribute expression ${JSON.stringify(expr)}; known: source.ip, request.path, request.method, request.host, destination.service, route.name, request.headers["name"], request.auth.claims["name"]`,
+          ),
+        );
+      }
+    }
+    if (bad) continue;
+    try {
+      const compiled = compileQuota({
+        name: `${r.namespace}/${r.name}`,
+        dimensions: spec.dimensions ?? {},
+        maxAmount: spec.maxAmount,
+        validDurationMs: spec.validDuration,
+        ...(spec.rateLimitAlgorithm === undefined ? {} : { rateLimitAlgorithm: spec.rateLimitAlgorithm }),
+        ...(spec.bucketDuration === undefined ? {} : { bucketDurationMs: spec.bucketDuration }),
+        overrides: (spec.overrides ?? []).map((o) => ({
+          dimensions: o.dimensions,
+          maxAmount: o.maxAmount,
+          ...(o.validDuration === undefined ? {} : { validDurationMs: o.validDuration }),
+        })),
+        ...(spec.charge === undefined ? {} : { charge: spec.charge }),
+        ...(spec.failureMode === undefined ? {} : { failureMode: spec.failureMode }),
+        ...(spec.insuranceMaxAmount === undefined ? {} : { insuranceMaxAmount: spec.insuranceMaxAmount }),
+      });
+      quotas.push({
+        compiled,
+        routes: spec.routes === undefined || spec.routes.length === 0 ? undefined : new Set(spec.routes),
+        hosts: spec.hosts === undefined || spec.hosts.length === 0 ? undefined : spec.hosts.map((h) => h.toLowerCase()),
+      });
+    } catch (err) {
+      out.push(diag(r, ['spec'], PolicyErrorCode.INVALID_VALUE, (err as Error).message));
+    }
+  }
+
+  if (out.length > 0) return { ok: false, diagnostics: out };
+
+  let adapters: Map<string, RuntimeAdapter>;
+  try {
+    adapters = await loadAdapters(adapterConfigs, opts.logger === undefined ? {} : { logger: opts.logger });
+  } catch (err) {
+    const name = err instanceof AdapterLoadError ? err.adapter : undefined;
+    const src = (name === undefined ? undefined : adapterSources.get(name)) ?? [...adapterSources.values()][0];
+    if (src === undefined) throw err;
+    return { ok: false, diagnostics: [diag(src, ['spec', 'module'], PolicyErrorCode.INVALID_VALUE, (err as Error).message)] };
+  }
+  const plan = new SecurityPlan({
+    jwt,
+    gatewayAuthz,
+    routePolicies,
+    gatewayPolicies,
+    authzFor,
+    quotas,
+    adapters,
+    reportScope,
+    store: opts.quotaStore,
+    xffTrustedHops: opts.xffTrustedHops ?? 0,
+  });
+  return { ok: true, plan };
+}
+
+interface PlanParts {
+  readonly jwt: JwtAuthnFilter | undefined;
+  readonly gatewayAuthz: CompiledAuthorization | undefined;
+  readonly gatewayPolicies: readonly AuthorizationPolicyResource[];
+  readonly routePolicies: readonly { readonly policy: AuthorizationPolicyResource; readonly hosts: readonly string[] }[];
+  readonly authzFor: (policies: readonly AuthorizationPolicyResource[]) => CompiledAuthorization | undefined;
+  readonly quotas: readonly BoundQuota[];
+  readonly adapters: Map<string, RuntimeAdapter>;
+  readonly reportScope: readonly string[];
+  readonly store: QuotaStore;
+  readonly xffTrustedHops: number;
+}
+
+/** The compiled security of one snapshot: builds each route's filters, warms key sets, closes adapters. */
+export class SecurityPlan {
+  readonly #p: PlanParts;
+  readonly #check: CustomCheck;
+  readonly #filterCache = new Map<string, readonly HttpFilter[]>();
+  /** Called in the log phase of every routed request: the Adapters' report(). */
+  readonly reporters: readonly ((x: Exchange, durationMs: number) => void)[];
+
+  constructor(parts: PlanParts) {
+    this.#p = parts;
+    this.#check = customCheck(parts.adapters);
+    const hops = parts.xffTrustedHops;
+    const reporting = parts.reportScope.map((n) => parts.adapters.get(n)).filter((a): a is RuntimeAdapter => a?.hasReport === true);
+    this.reporters =
+      reporting.length === 0
+        ? []
+        : [
+            (x, durationMs) => {
+              const attrs = { ...exchangeAttributes(x, x.auth, { numTrustedProxies: hops }), responseCode: x.status, durationMs };
+              for (const a of reporting) a.report(attrs);
+            },
+          ];
+  }
+
+  /** No security resource applies: routes get no security filters at all. */
+  get empty(): boolean {
+    const p = this.#p;
+    return p.jwt === undefined && (p.gatewayAuthz?.empty ?? true) && p.routePolicies.length === 0 && p.quotas.length === 0 && this.reporters.length === 0;
+  }
+
+  /** The filters a route runs before its own (CORS, fault). Routes with equal needs share one array. */
+  filtersFor(route: CompiledRoute): readonly HttpFilter[] {
+    const p = this.#p;
+    const hosts = route.action.kind === 'route' ? route.action.destinations.map((d) => d.cluster.split('|')[3] ?? '') : [];
+    const routeLevel = p.routePolicies.filter((rp) => rp.hosts.some((h) => hosts.includes(h))).map((rp) => rp.policy);
+    const quotas = p.quotas.filter((q) => q.routes === undefined || q.routes.has(route.name));
+    const key = `${routeLevel.map((x) => `${x.namespace}/${x.name}`).join(',')}|${quotas.map((q) => q.compiled.name).join(',')}|${hosts[0] ?? ''}`;
+    const cached = this.#filterCache.get(key);
+    if (cached !== undefined) return cached;
+    const filters: HttpFilter[] = [];
+    if (p.jwt !== undefined) filters.push(p.jwt as unknown as HttpFilter);
+    const authz = routeLevel.length === 0 ? p.gatewayAuthz : p.authzFor([...p.gatewayPolicies, ...routeLevel]);
+    if (authz !== undefined && !authz.empty) filters.push(authzFilter(authz, this.#check, p.xffTrustedHops));
+    if (quotas.length > 0) filters.push(quotaFilter(quotas, p.store, p.xffTrustedHops, hosts[0]));
+    this.#filterCache.set(key, filters);
+    return filters;
+  }
+
+  /** Fetches remote JWKS before the snapshot serves (never rejects; failures keep the last good keys). */
+  async warm(): Promise<void> {
+    await this.#p.jwt?.warm();
+  }
+
+  /** The snapshot is gone: adapters release what they hold. */
+  async close(): Promise<void> {
+    await Promise.allSettled([...this.#p.adapters.values()].map((a) => a.close()));
+  }
+}
+
+function authzFilter(authz: CompiledAuthorization, check: CustomCheck, hops: number): HttpFilter {
+  const opts = { numTrustedProxies: hops };
+  const decide = (x: Exchange, d: AuthzDecision): FilterResult => {
+    if (d.audit !== undefined) x.audit = d.audit;
+    if (d.allowed) return undefined;
+    const reply: LocalReply = {
+      status: d.status,
+      details: d.detailsName,
+      detailText: d.reason === undefined ? d.details : `${d.details}{${d.reason.replace(/[^\x21-\x7e]/g, '_')}}`,
+      ...(d.body === '' ? { body: '' } : { body: d.body }),
+      ...(d.headers === undefined ? {} : { headers: d.headers }),
+    };
+    return reply;
+  };
+  return {
+    name: 'meshgate.rbac',
+    onRequest(x) {
+      const attrs = exchangeAttributes(x, x.auth, opts);
+      // A CUSTOM adapter that allows may add headers for the upstream request (ext_authz's allowed_upstream_headers).
+      const d = authz.authorize(attrs, (provider, a) =>
+        check(provider, a).then((v) => {
+          if (v.allow && v.upstreamHeaders !== undefined) for (const [k, val] of Object.entries(v.upstreamHeaders)) x.headers[k.toLowerCase()] = val;
+          return v;
+        }),
+      );
+      return d instanceof Promise ? d.then((r) => decide(x, r)) : decide(x, d);
+    },
+  };
+}
+
+function quotaFilter(quotas: readonly BoundQuota[], store: QuotaStore, hops: number, service: string | undefined): HttpFilter {
+  const anyHosts = quotas.some((q) => q.hosts !== undefined);
+  const all = quotas.map((q) => q.compiled);
+  return {
+    name: 'meshgate.quota',
+    onRequest(x) {
+      const get = (ref: AttributeRef): string | undefined => attribute(x, ref, hops, service);
+      const list = anyHosts ? quotas.filter((q) => q.hosts === undefined || q.hosts.some((h) => hostCovers(h, x.host))).map((q) => q.compiled) : all;
+      if (list.length === 0) return undefined;
+      return checkQuotas(list, store, get);
+    },
+  };
+}
+
+/** One quota dimension's value for a request (Mixer's attribute vocabulary). */
+function attribute(x: Exchange, ref: AttributeRef, hops: number, service: string | undefined): string | undefined {
+  switch (ref.kind) {
+    case 'source.ip':
+      return hops > 0 ? remoteClientIp(x.remoteAddress, x.headers['x-forwarded-for'], hops) : x.remoteAddress;
+    case 'request.path':
+      return x.path;
+    case 'request.method':
+      return x.method;
+    case 'request.host':
+      return x.host;
+    case 'destination.service':
+      return service;
+    case 'route.name':
+      return x.route?.config.name;
+    case 'request.headers': {
+      const v = x.headers[ref.name];
+      return Array.isArray(v) ? v.join(',') : v;
+    }
+    case 'request.auth.claims': {
+      let v: unknown = x.auth?.claims;
+      for (const k of ref.path) {
+        if (v === null || typeof v !== 'object' || Array.isArray(v)) return undefined;
+        v = (v as Record<string, unknown>)[k];
+      }
+      return typeof v === 'string' ? v : typeof v === 'number' || typeof v === 'boolean' ? String(v) : undefined;
+    }
+    default:
+      return undefined;
+  }
+}
