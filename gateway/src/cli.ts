@@ -1,12 +1,24 @@
 #!/usr/bin/env node
+import cluster from 'node:cluster';
 import { parseArgs } from 'node:util';
 import { compile, formatDiagnostic, loadPolicies } from '@meshgate/policies';
 import pino from 'pino';
 import { startGateway } from './edge/gateway.ts';
+import { createQuotaStore, describeQuotaStore, parseQuotaStoreFlags, type QuotaStoreConfig } from './edge/quota-store.ts';
+import { serveWorker, startWorkers, workerLineSink, workerSlot } from './edge/workers.ts';
 import { type AccessLogRecord, accessLogTo } from './engine/accesslog.ts';
 import { GatewayError, GatewayErrorCode } from './engine/details.ts';
+import { MemoryQuotaStore } from './engine/quota/index.ts';
+import { buildSecurity } from './engine/security.ts';
 
 const LOG_BATCH_BYTES = 32 * 1024;
+/**
+ * With --workers, every process writes to the same stdout: writes of at most PIPE_BUF (4 KiB on
+ * Linux) are atomic on a pipe, so each write is kept below it (whole lines only) and lines of
+ * different workers never interleave.
+ */
+const SHARED_LOG_WRITE_BYTES = 4096;
+const SHARED_LOG_BATCH_BYTES = 3 * 1024;
 
 const USAGE = `meshgate — Istio's service-mesh pattern without Envoy
 
@@ -15,6 +27,10 @@ Usage:
       --admin-port N       admin server on 127.0.0.1 (default 15000; 0 = any free port)
       --metrics-port N     Prometheus /stats/prometheus (default 15090; 0 = any free port)
       --label k=v          gateway label, repeatable (default istio=ingressgateway)
+      --namespace NS       the gateway's namespace: security resources there (with a matching selector)
+                           apply to it (default istio-system)
+      --root-namespace NS  Istio's root namespace: security resources there apply to every gateway
+                           (default istio-system)
       --bind-address ADDR  address for listeners without a Gateway bind (default 0.0.0.0)
       --port-map P=Q       bind Gateway port P on port Q, repeatable (Q=0: any free port)
       --access-log DEST    stdout (default), off, or a file path
@@ -26,8 +42,19 @@ Usage:
                                     a client-sent X-Forwarded-For is replaced by the peer address)
       --h2-max-concurrent-streams N HTTP/2 streams per client session (default 100)
       --h2-max-header-list-size B   HTTP/2 header list limit in bytes (default 65536)
-  meshgate validate PATH… [--label k=v…]  validate policy folders/files for a gateway with these labels;
-                           exit 0 if valid, 1 with every error
+      --workers N          worker processes sharing the listeners (default 1: one process); with N > 1
+                           the primary serves admin (/ready, /server_info) and metrics summed over the
+                           workers, forwards SIGHUP, restarts crashed workers; log lines carry "worker"
+      --quota-store KIND   memory (default; per process) | redis | sentinel | cluster
+      --redis-url URL      redis://[user@]host[:port][/db] or rediss:// (default redis://127.0.0.1:6379)
+      --redis-sentinels H:P[,H:P…]  Sentinel addresses (--quota-store sentinel)
+      --redis-sentinel-name NAME    monitored master name (default mymaster)
+      --redis-cluster-nodes H:P[,H:P…]  Cluster seed nodes (--quota-store cluster)
+                           passwords come from MESHGATE_REDIS_PASSWORD (and MESHGATE_REDIS_SENTINEL_PASSWORD
+                           for the sentinels), never from flags
+  meshgate validate PATH… [--label k=v…] [--namespace NS] [--root-namespace NS]
+                           validate policy folders/files for a gateway with these labels and namespace
+                           (security resources and adapter modules included); exit 0 if valid, 1 with every error
   meshgate help
 `;
 
@@ -50,16 +77,37 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
-function validate(args: string[]): number {
-  const { positionals, values } = parseArgs({ args, allowPositionals: true, options: { label: { type: 'string', multiple: true } } });
+async function validate(args: string[]): Promise<number> {
+  const { positionals, values } = parseArgs({
+    args,
+    allowPositionals: true,
+    options: { label: { type: 'string', multiple: true }, namespace: { type: 'string' }, 'root-namespace': { type: 'string' } },
+  });
   if (positionals.length === 0) {
     process.stderr.write('meshgate validate: name at least one policy folder or file\n');
     return 2;
   }
   const load = loadPolicies(positionals);
-  // The same code path as the gateway: load, then compile for the default gateway labels.
-  const result = compile(load, { gatewayLabels: parseLabels(values.label) });
-  const diags = result.ok ? result.config.diagnostics : result.diagnostics;
+  // The same code path as the gateway: load, compile for the gateway's labels, then the security
+  // resources (authorization rules, quota dimensions, adapter modules) for its namespace.
+  const labels = parseLabels(values.label);
+  const result = compile(load, { gatewayLabels: labels });
+  const diags = [...(result.ok ? result.config.diagnostics : result.diagnostics)];
+  if (result.ok) {
+    const store = new MemoryQuotaStore();
+    const security = await buildSecurity(result.config.resources, {
+      workload: {
+        namespace: values.namespace ?? 'istio-system',
+        labels,
+        rootNamespace: values['root-namespace'] ?? 'istio-system',
+        gateways: [...new Set(result.config.listeners.flatMap((l) => l.gateways))],
+      },
+      quotaStore: store,
+    });
+    if (security.ok) await security.plan.close();
+    else diags.push(...security.diagnostics);
+    await store.close();
+  }
   for (const d of diags) process.stderr.write(`${formatDiagnostic(d)}\n`);
   const errors = diags.filter((d) => d.severity === 'error').length;
   if (errors > 0) {
@@ -114,6 +162,14 @@ async function gateway(args: string[]): Promise<number> {
       'h2-max-header-list-size': { type: 'string' },
       'ws-idle-timeout': { type: 'string' },
       'drain-timeout': { type: 'string' },
+      workers: { type: 'string' },
+      'quota-store': { type: 'string' },
+      'redis-url': { type: 'string' },
+      'redis-sentinels': { type: 'string' },
+      'redis-sentinel-name': { type: 'string' },
+      'redis-cluster-nodes': { type: 'string' },
+      namespace: { type: 'string' },
+      'root-namespace': { type: 'string' },
     },
   });
   if (values.policies === undefined || values.policies.length === 0) throw new GatewayError(GatewayErrorCode.USAGE, 'gateway needs --policies DIR');
@@ -136,47 +192,78 @@ async function gateway(args: string[]): Promise<number> {
   if (maxPayloadBytes !== undefined) websocket.maxPayloadBytes = maxPayloadBytes;
   if (idleTimeoutMs !== undefined) websocket.idleTimeoutMs = idleTimeoutMs;
   if (drainTimeoutMs !== undefined) websocket.drainTimeoutMs = drainTimeoutMs;
+  const workers = positive('--workers', values.workers) ?? 1;
+  const quotaConfig = parseQuotaStoreFlags(values);
+  const adminPort = port('--admin-port', values['admin-port'], 15000);
+  const metricsPort = port('--metrics-port', values['metrics-port'], 15090);
+  const bindAddress = values['bind-address'] ?? '0.0.0.0';
+  const shared = workers > 1;
   // One buffered stdout for the process log and the access log, so their lines never interleave.
   // Lines are batched (one write per 32 KiB instead of one per request: a syscall per access-log
   // line cost several µs a request) and flushed at least every second.
-  const stdout = pino.destination({ dest: 1, sync: false, minLength: LOG_BATCH_BYTES, maxWrite: 2 * LOG_BATCH_BYTES });
-  const logger = pino({ level: values['log-level'] ?? 'info', base: { component: 'meshgate' } }, stdout);
+  const stdout = shared
+    ? pino.destination({ dest: 1, sync: false, minLength: SHARED_LOG_BATCH_BYTES, maxWrite: SHARED_LOG_WRITE_BYTES })
+    : pino.destination({ dest: 1, sync: false, minLength: LOG_BATCH_BYTES, maxWrite: 2 * LOG_BATCH_BYTES });
+  const root = pino({ level: values['log-level'] ?? 'info', base: { component: 'meshgate' } }, stdout);
+  if (shared && cluster.isPrimary) return primary(workers, root.child({ role: 'primary' }), stdout, { adminPort, metricsPort, bindAddress, quotaConfig });
+  const slot = shared ? workerSlot() : undefined;
+  const logger = slot === undefined ? root : root.child({ worker: slot });
   const dest = values['access-log'] ?? 'stdout';
   let accessFile: ReturnType<typeof pino.destination> | undefined;
   let accessLog: ((r: AccessLogRecord) => void) | null;
+  const tag = (sink: ReturnType<typeof pino.destination>) => (slot === undefined ? sink : workerLineSink(sink, slot));
   if (dest === 'off') accessLog = null;
-  else if (dest === 'stdout') accessLog = accessLogTo(stdout);
+  else if (dest === 'stdout') accessLog = accessLogTo(tag(stdout));
   else {
+    // Every worker appends to the file itself (O_APPEND: each write lands whole).
     accessFile = pino.destination({ dest, sync: false, mkdir: true, minLength: LOG_BATCH_BYTES, maxWrite: 2 * LOG_BATCH_BYTES });
-    accessLog = accessLogTo(accessFile);
+    accessLog = accessLogTo(tag(accessFile));
   }
   const flusher = setInterval(() => {
     stdout.flush();
     accessFile?.flush();
   }, 1000);
   flusher.unref();
-  const gw = await startGateway({
-    policies: values.policies,
-    labels,
-    bindAddress: values['bind-address'] ?? '0.0.0.0',
-    portMap,
-    adminPort: port('--admin-port', values['admin-port'], 15000),
-    metricsPort: port('--metrics-port', values['metrics-port'], 15090),
-    logger,
-    accessLog,
-    websocket,
-    http2,
-    xffTrustedHops: hops,
-  });
+  const quota = await openQuotaStore(quotaConfig, workers, logger);
+  let gw: Awaited<ReturnType<typeof startGateway>>;
+  try {
+    gw = await startGateway({
+      policies: values.policies,
+      labels,
+      bindAddress,
+      portMap,
+      // With --workers the primary serves admin and metrics for all workers.
+      adminPort: shared ? null : adminPort,
+      metricsPort: shared ? null : metricsPort,
+      logger,
+      accessLog,
+      websocket,
+      http2,
+      xffTrustedHops: hops,
+      quotaStore: quota.store,
+      ...(values.namespace === undefined ? {} : { namespace: values.namespace }),
+      ...(values['root-namespace'] === undefined ? {} : { rootNamespace: values['root-namespace'] }),
+    });
+  } catch (err) {
+    await quota.close();
+    throw err;
+  }
+  const stopServing = slot === undefined ? undefined : serveWorker(gw, logger);
   logger.info({ ports: gw.ports }, 'meshgate gateway started');
   process.on('SIGHUP', () => {
     logger.info('SIGHUP: reloading policies');
     gw.reload().catch((err: unknown) => logger.error({ err }, 'reload failed'));
   });
   await new Promise<void>((resolve) => {
+    let stopping = false;
     const stop = (sig: string) => {
+      if (stopping) return;
+      stopping = true;
       logger.info(`${sig}: shutting down`);
-      gw.close().then(resolve, resolve);
+      stopServing?.();
+      gw.close()
+        .then(() => quota.close())
+        .then(resolve, resolve);
     };
     process.once('SIGINT', stop);
     process.once('SIGTERM', stop);
@@ -188,13 +275,69 @@ async function gateway(args: string[]): Promise<number> {
   return 0;
 }
 
-main(process.argv.slice(2)).then(
-  (code) => {
-    process.exitCode = code;
-  },
-  (err: unknown) => {
-    const e = err as GatewayError;
-    process.stderr.write(`meshgate: ${e.code ?? 'error'}: ${e.message}\n`);
-    process.exitCode = e.code === GatewayErrorCode.USAGE ? 2 : 1;
-  },
-);
+/** The configured quota store; Redis trouble is logged (throttled), never fatal. */
+async function openQuotaStore(config: QuotaStoreConfig, workers: number, logger: pino.Logger) {
+  const quota = await createQuotaStore(config, {
+    expectedWorkers: workers,
+    onError: (err) => logger.warn({ err: err.message, store: describeQuotaStore(config) }, 'quota store: Redis error'),
+  });
+  if (config.kind !== 'memory') logger.info({ store: describeQuotaStore(config), ready: quota.ready }, 'quota store');
+  return quota;
+}
+
+/** --workers N > 1, in the primary: fork and supervise the workers; serve admin and summed metrics. */
+async function primary(
+  workers: number,
+  logger: pino.Logger,
+  stdout: ReturnType<typeof pino.destination>,
+  o: { adminPort: number; metricsPort: number; bindAddress: string; quotaConfig: QuotaStoreConfig },
+): Promise<number> {
+  const flusher = setInterval(() => stdout.flush(), 1000);
+  flusher.unref();
+  if (o.quotaConfig.kind === 'memory') logger.info(`quota store: memory, one per worker (a Quota admits up to ${workers} × its limit; see --quota-store)`);
+  try {
+    const pool = await startWorkers({ workers, logger, adminPort: o.adminPort, metricsPort: o.metricsPort, metricsHost: o.bindAddress });
+    logger.info({ ports: pool.ports, workers: pool.workers.map((w) => ({ worker: w.worker, pid: w.pid })) }, 'meshgate gateway started');
+    process.on('SIGHUP', () => {
+      logger.info('SIGHUP: reloading policies in every worker');
+      pool.reload().catch((err: unknown) => logger.error({ err }, 'reload failed'));
+    });
+    await new Promise<void>((resolve) => {
+      let stopping = false;
+      const stop = (sig: string) => {
+        if (stopping) {
+          // A second signal: do not wait for the drain.
+          logger.warn(`${sig} again: killing the workers`);
+          pool.kill();
+          return;
+        }
+        stopping = true;
+        logger.info(`${sig}: shutting down the workers`);
+        pool.close().then(resolve, resolve);
+      };
+      process.on('SIGINT', stop);
+      process.on('SIGTERM', stop);
+    });
+    logger.info('all workers stopped');
+    return 0;
+  } finally {
+    clearInterval(flusher);
+    stdout.flushSync();
+  }
+}
+
+main(process.argv.slice(2))
+  .then(
+    (code) => {
+      process.exitCode = code;
+    },
+    (err: unknown) => {
+      const e = err as GatewayError;
+      process.stderr.write(`meshgate: ${e.code ?? 'error'}: ${e.message}\n`);
+      process.exitCode = e.code === GatewayErrorCode.USAGE ? 2 : 1;
+    },
+  )
+  .finally(() => {
+    // A worker ends once it has stopped serving (or failed to start): the IPC channel would keep it alive.
+    if (cluster.isWorker && process.connected) cluster.worker?.disconnect();
+  });
