@@ -392,6 +392,8 @@ class L4Connection {
         attempts: ep === undefined ? 0 : 1,
         downstream_remote_address: this.#remote,
         config_version: snap.version,
+        request_principal: null,
+        audit_policy: null,
       });
     }
     this.#snap = undefined;

@@ -23,6 +23,10 @@ export interface AccessLogRecord {
   readonly attempts: number;
   readonly downstream_remote_address: string;
   readonly config_version: string;
+  /** The verified JWT's `iss/sub` (Istio's request.auth.principal); null when unauthenticated. */
+  readonly request_principal: string | null;
+  /** The AUDIT AuthorizationPolicy rule that matched (`ns[..]-policy[..]-rule[N]`); null when none. */
+  readonly audit_policy: string | null;
 }
 
 /** The access-log record of an exchange (HTTP requests and WebSockets alike), Envoy's field names. */
@@ -50,6 +54,8 @@ export function accessRecord(x: Exchange, status: number, flags: string, details
     attempts: x.attempts,
     downstream_remote_address: `${x.remoteAddress}:${x.remotePort}`,
     config_version: x.snap.version,
+    request_principal: x.auth?.requestPrincipal ?? null,
+    audit_policy: x.audit ?? null,
   };
 }
 
@@ -60,7 +66,7 @@ const str = (v: string | null): string => (v === null ? 'null' : JSON.stringify(
  * generic object serializer (pino's), which the bench measured at ~8 µs of a ~31 µs request.
  */
 export function formatAccessRecord(r: AccessLogRecord): string {
-  return `{"type":"access","start_time":"${r.start_time}","method":${str(r.method)},"path":${str(r.path)},"protocol":${str(r.protocol)},"response_code":${r.response_code},"response_flags":${str(r.response_flags)},"response_code_details":${str(r.response_code_details)},"bytes_received":${r.bytes_received},"bytes_sent":${r.bytes_sent},"duration":${r.duration},"upstream_service_time":${r.upstream_service_time},"x_forwarded_for":${str(r.x_forwarded_for)},"user_agent":${str(r.user_agent)},"request_id":${str(r.request_id)},"authority":${str(r.authority)},"upstream_host":${str(r.upstream_host)},"upstream_cluster":${str(r.upstream_cluster)},"route_name":${str(r.route_name)},"attempts":${r.attempts},"downstream_remote_address":${str(r.downstream_remote_address)},"config_version":${str(r.config_version)}}\n`;
+  return `{"type":"access","start_time":"${r.start_time}","method":${str(r.method)},"path":${str(r.path)},"protocol":${str(r.protocol)},"response_code":${r.response_code},"response_flags":${str(r.response_flags)},"response_code_details":${str(r.response_code_details)},"bytes_received":${r.bytes_received},"bytes_sent":${r.bytes_sent},"duration":${r.duration},"upstream_service_time":${r.upstream_service_time},"x_forwarded_for":${str(r.x_forwarded_for)},"user_agent":${str(r.user_agent)},"request_id":${str(r.request_id)},"authority":${str(r.authority)},"upstream_host":${str(r.upstream_host)},"upstream_cluster":${str(r.upstream_cluster)},"route_name":${str(r.route_name)},"attempts":${r.attempts},"downstream_remote_address":${str(r.downstream_remote_address)},"config_version":${str(r.config_version)},"request_principal":${str(r.request_principal)},"audit_policy":${str(r.audit_policy)}}\n`;
 }
 
 /** A destination that takes whole lines (pino's SonicBoom, a file stream, process.stdout). */

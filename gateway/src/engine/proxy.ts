@@ -353,7 +353,7 @@ export class Engine {
     const headers: Record<string, string> = {
       'content-type': 'application/grpc',
       'grpc-status': String(code),
-      'grpc-message': encodeURIComponent(message),
+      'grpc-message': grpcMessage(message),
       ...r.headers,
     };
     x.status = 200;
@@ -762,12 +762,10 @@ const MAX_HEADERS = 100;
 function absoluteForm(url: string): { authority: string; path: string } | undefined {
   const m = ABSOLUTE_FORM.exec(url);
   if (m === null) return undefined;
-  try {
-    const u = new URL(url);
-    return { authority: m[1] as string, path: u.pathname + u.search };
-  } catch {
-    return undefined;
-  }
+  // The path is taken as sent, not as WHATWG URL would rewrite it (backslashes to slashes, dot
+  // segments resolved): the one normalizer judges it, as it judges the origin form.
+  const rest = url.slice(m[0].length);
+  return { authority: m[1] as string, path: rest === '' ? '/' : rest.charCodeAt(0) === 63 /* ? */ ? `/${rest}` : rest };
 }
 
 /**
@@ -858,6 +856,14 @@ export function grpcTimeoutMs(v: string | string[] | undefined): number | undefi
   const m = GRPC_TIMEOUT.exec(v);
   if (m === null) return undefined;
   return Math.max(1, Number(m[1]) * (GRPC_UNIT_MS[m[2] as string] as number));
+}
+
+/**
+ * grpc-message's encoding (gRPC over HTTP/2, "Responses"): percent-encode only `%` and bytes outside
+ * printable ASCII, so clients show `RBAC: access denied`, not `RBAC%3A access denied`.
+ */
+export function grpcMessage(message: string): string {
+  return message.replace(/[^\x20-\x24\x26-\x7e]/gu, (c) => encodeURIComponent(c));
 }
 
 /** The gRPC status for a gateway-made reply: what failed, in gRPC's terms. */

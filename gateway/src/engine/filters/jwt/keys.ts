@@ -171,6 +171,21 @@ export interface RemoteJwksOptions {
 }
 
 /**
+ * The last key set fetched from each jwksUri, process-wide, as istiod's JwksResolver keeps one cache
+ * per URI: a RemoteJwks starts from it, so a snapshot built while the endpoint is down (any reload,
+ * even of an unrelated VirtualService) keeps verifying with the keys the previous snapshot fetched
+ * instead of refusing every token (jwt_authn_jwks_unavailable). Bounded; oldest URI evicted first.
+ */
+const LAST_GOOD = new Map<string, { readonly keys: KeySet; readonly loadedAt: number }>();
+const LAST_GOOD_MAX = 256;
+
+function rememberGood(uri: string, keys: KeySet, loadedAt: number): void {
+  LAST_GOOD.delete(uri);
+  LAST_GOOD.set(uri, { keys, loadedAt });
+  if (LAST_GOOD.size > LAST_GOOD_MAX) LAST_GOOD.delete(LAST_GOOD.keys().next().value as string);
+}
+
+/**
  * RequestAuthentication `jwksUri`. Not jose's createRemoteJWKSet: that one awaits a reload once its
  * cache is stale and fails verification when the reload fails; here the last good keys keep
  * verifying while the endpoint is down, and every fetch (warm-up, unknown kid, refresh) counts
@@ -194,6 +209,12 @@ export class RemoteJwks implements JwksSource {
     this.uri = uri;
     this.#opts = opts;
     this.#deps = deps;
+    // Until its own first fetch succeeds, the last good keys of this URI (an earlier snapshot's) verify.
+    const prev = LAST_GOOD.get(uri);
+    if (prev !== undefined) {
+      this.#keys = prev.keys;
+      this.#loadedAt = prev.loadedAt;
+    }
   }
 
   async warm(): Promise<JwksStatus> {
@@ -226,6 +247,7 @@ export class RemoteJwks implements JwksSource {
         this.#keys = keys;
         this.#lastError = '';
         this.#loadedAt = this.#deps.now();
+        rememberGood(this.uri, keys, this.#loadedAt);
         return keys;
       },
       (err: unknown) => {
