@@ -172,6 +172,28 @@ describe('RedisQuotaStore on a standalone redis-server', () => {
     await b.close();
   });
 
+  test('a quiet worker hands its lease back after idleReturnMs; an exhausted worker rechecks and gets it — still exactly N', async () => {
+    const opts = { maxLease: 1000, expectedWorkers: 2, idleReturnMs: 100, exhaustedRecheckMs: 100 };
+    const quiet = new RedisQuotaStore({ client: client(redis.port), ...opts });
+    const busy = new RedisQuotaStore({ client: client(redis.port), ...opts });
+    assert.deepEqual(await Promise.all([quiet.warm(), busy.warm()]), [true, true]);
+    const key = newKey('idle');
+    const limit = fixed(100);
+    // The quiet worker takes half the window (ceil(100 / 2)) and spends one token.
+    assert.equal((await quiet.acquire(key, 1, limit)).allowed, true);
+    // The busy one gets the other half, then Redis says nothing is left: denied locally.
+    assert.equal(await burst([busy], key, 100, limit), 50);
+    assert.equal((await busy.acquire(key, 1, limit)).allowed, false);
+    // The quiet lease goes back within ~idleReturnMs; the busy worker rechecks and spends it.
+    const more = await poll('returned tokens admitted', async () => {
+      const n = await burst([busy], key, 100, limit);
+      return n > 0 ? n : undefined;
+    });
+    assert.equal(1 + 50 + more, 100, `admitted ${1 + 50 + more}`);
+    assert.equal(await burst([busy, quiet], key, 50, limit), 0);
+    await Promise.all([quiet.close(), busy.close()]);
+  });
+
   test('an expired lease hands its leftovers back inside the next lease call (FIXED and ROLLING)', async () => {
     const rollingLimit: QuotaLimit = { maxAmount: 100, windowMs: LONG, algorithm: 'ROLLING_WINDOW', bucketMs: LONG / 4 };
     for (const limit of [fixed(100), rollingLimit]) {

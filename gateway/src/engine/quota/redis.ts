@@ -26,12 +26,14 @@ import type { QuotaLimit, QuotaResult, QuotaStore } from './types.ts';
  * ceil(left / expectedWorkers)) tokens, so near the end of a window the last tokens are spread instead
  * of stranded in one worker. A lease that expires with tokens left (ROLLING: at every bucket end;
  * FIXED: when the local expiry came a little before Redis's window end) hands them back inside the
- * worker's next lease call, at no extra round trip; close() hands back the rest. Tokens an idle worker
- * holds stay counted until then, which can only under-admit: by at most what the other workers hold
- * unspent (≤ (expectedWorkers − 1) × maxLease, shrinking with the budget).
+ * worker's next lease call, at no extra round trip; close() hands back the rest. A lease left unused
+ * for idleReturnMs (default 1 s) is handed back by a background call, so tokens a quiet worker holds
+ * (it got a slice, then its clients went elsewhere) are stranded for about a second, not for the rest
+ * of a long window. Held tokens can only under-admit, never over-admit.
  *
- * A counter that Redis reports exhausted is denied locally until its reset, without calls. Tokens
- * returned by another worker's close() are therefore seen only after that reset.
+ * A counter that Redis reports exhausted is denied locally, without calls, until its reset or for
+ * exhaustedRecheckMs (default 1 s), whichever is first: then one call sees whether other workers
+ * handed tokens back. A denied hot counter costs one call per second per worker.
  *
  * Keys: `<prefix>{<counterKey>}`, one hash per counter; the hash tag puts a counter's keys in one
  * cluster slot whatever else is added later.
@@ -191,6 +193,10 @@ export interface RedisQuotaStoreOptions {
   readonly onError?: (err: Error) => void;
   /** Counters kept before idle ones are swept (at most once a second). Default 10 000. */
   readonly sweepAbove?: number;
+  /** A lease unused this long is handed back to Redis in the background. ms, default 1000; 0: never. */
+  readonly idleReturnMs?: number;
+  /** An exhausted counter asks Redis again after this long (before its reset). ms, default 1000. */
+  readonly exhaustedRecheckMs?: number;
 }
 
 interface Waiter {
@@ -212,6 +218,8 @@ interface Counter {
   resetAt: number;
   /** Redis said nothing is left: deny locally until then. */
   exhaustedUntil: number;
+  /** Last local spend or lease, monotonic ms: idle leases go back to Redis. */
+  lastUsed: number;
   inflight: boolean;
   readonly queue: Waiter[];
 }
@@ -239,6 +247,9 @@ export class RedisQuotaStore implements QuotaStore {
   readonly #insurance: MemoryQuotaStore;
   readonly #onError: ((err: Error) => void) | undefined;
   readonly #sweepAbove: number;
+  readonly #recheckMs: number;
+  readonly #idleMs: number;
+  #idleTimer: NodeJS.Timeout | undefined;
   readonly #counters = new Map<string, Counter>();
   /** Insurance limits derived from limits with insuranceMaxAmount, built once per limit object. */
   readonly #insuranceLimits = new WeakMap<QuotaLimit, QuotaLimit>();
@@ -260,6 +271,25 @@ export class RedisQuotaStore implements QuotaStore {
     this.#insurance = options.insurance ?? new MemoryQuotaStore();
     this.#onError = options.onError;
     this.#sweepAbove = options.sweepAbove ?? 10_000;
+    this.#recheckMs = options.exhaustedRecheckMs ?? 1000;
+    const idle = options.idleReturnMs ?? 1000;
+    this.#idleMs = idle;
+    if (idle > 0) {
+      this.#idleTimer = setInterval(() => this.#returnIdle(), idle);
+      this.#idleTimer.unref();
+    }
+  }
+
+  /** Hands back leases nobody spent from for idleReturnMs (one release call per such counter). */
+  #returnIdle(): void {
+    const now = this.#now();
+    if (this.#closed || now < this.#downUntil || this.#client.status !== 'ready') return;
+    for (const [key, c] of this.#counters) {
+      if (c.inflight || c.queue.length > 0 || c.tokens <= 0 || c.expiresAt <= now || now - c.lastUsed < this.#idleMs) continue;
+      const tokens = c.tokens;
+      c.tokens = 0;
+      this.#call(SCRIPTS.release, this.redisKey(key), [String(c.window), String(tokens)]).catch(() => undefined);
+    }
   }
 
   get stats(): RedisQuotaStats {
@@ -278,15 +308,16 @@ export class RedisQuotaStore implements QuotaStore {
     if (this.#counters.size > this.#sweepAbove && now - this.#lastSweep >= 1000) this.#sweep(now);
     let c = this.#counters.get(counterKey);
     if (c === undefined) {
-      c = { tokens: 0, expiresAt: 0, window: 0, algorithm: limit.algorithm, left: 0, resetAt: 0, exhaustedUntil: 0, inflight: false, queue: [] };
+      c = { tokens: 0, expiresAt: 0, window: 0, algorithm: limit.algorithm, left: 0, resetAt: 0, exhaustedUntil: 0, lastUsed: now, inflight: false, queue: [] };
       this.#counters.set(counterKey, c);
     }
     if (c.queue.length === 0) {
       if (c.tokens >= amount && c.expiresAt > now) {
         c.tokens -= amount;
+        c.lastUsed = now;
         return { allowed: true, remaining: c.left + c.tokens, resetMs: Math.max(0, c.resetAt - now) };
       }
-      if (c.exhaustedUntil > now) return { allowed: false, remaining: 0, resetMs: c.exhaustedUntil - now };
+      if (c.exhaustedUntil > now) return { allowed: false, remaining: 0, resetMs: Math.max(0, c.resetAt - now) };
     }
     if (this.#closed || now < this.#downUntil || this.#client.status !== 'ready') return this.#fail(counterKey, amount, limit, now);
     const counter = c;
@@ -326,6 +357,7 @@ export class RedisQuotaStore implements QuotaStore {
   /** Returns unspent leased tokens to Redis (best effort, bounded by timeoutMs) and forgets all counters. */
   async close(): Promise<void> {
     this.#closed = true;
+    clearInterval(this.#idleTimer);
     const now = this.#now();
     const back: Promise<unknown>[] = [];
     if (this.#client.status === 'ready') {
@@ -372,6 +404,7 @@ export class RedisQuotaStore implements QuotaStore {
         c.left = left;
         c.resetAt = sent + reset;
         const now = this.#now();
+        c.lastUsed = now;
         while (c.queue.length > 0 && c.tokens >= (c.queue[0] as Waiter).amount && c.expiresAt > now) {
           const w = c.queue.shift() as Waiter;
           c.tokens -= w.amount;
@@ -381,7 +414,7 @@ export class RedisQuotaStore implements QuotaStore {
           const denied = { allowed: false, remaining: Math.max(0, left), resetMs: Math.max(0, c.resetAt - now) };
           if (left < 1) {
             // Nothing left for anyone: deny locally until the reset instead of asking per request.
-            c.exhaustedUntil = c.resetAt;
+            c.exhaustedUntil = Math.min(c.resetAt, now + this.#recheckMs);
             for (const w of c.queue.splice(0)) w.resolve(denied);
           } else {
             // Some left, but less than the head's charge: deny the head, lease for the next.
