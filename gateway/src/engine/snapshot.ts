@@ -31,6 +31,8 @@ export interface RuntimeRoute {
   readonly config: CompiledRoute;
   /** Request filters before the router, built once per snapshot. */
   readonly filters: readonly HttpFilter[];
+  /** The edge-security prefix of `filters` (jwt_authn, rbac, quota): WebSocket upgrades run these too. */
+  readonly securityFilters: readonly HttpFilter[];
   readonly destinations: readonly RuntimeDestination[];
   readonly totalWeight: number;
   readonly mirrors: readonly { readonly cluster: RuntimeCluster | undefined; readonly fraction: number }[];
@@ -106,6 +108,7 @@ export interface SnapshotDeps {
   readonly security?: SecurityPlan;
 }
 
+const NO_FILTERS: readonly HttpFilter[] = [];
 const NO_REPORTERS: readonly ((x: Exchange, durationMs: number) => void)[] = [];
 
 /**
@@ -215,7 +218,8 @@ export class Snapshot {
 
 function buildRoute(r: CompiledRoute, clusters: ReadonlyMap<string, RuntimeCluster>, security: SecurityPlan | undefined): RuntimeRoute {
   // Istio's order: authentication, authorization and quota before CORS and fault injection.
-  const filters: HttpFilter[] = security === undefined ? [] : [...security.filtersFor(r)];
+  const securityFilters = security === undefined ? NO_FILTERS : security.filtersFor(r);
+  const filters: HttpFilter[] = [...securityFilters];
   if (r.cors !== undefined) filters.push(corsFilter(r.cors));
   if (r.fault !== undefined) filters.push(faultFilter(r.fault));
   let cumulative = 0;
@@ -235,7 +239,7 @@ function buildRoute(r: CompiledRoute, clusters: ReadonlyMap<string, RuntimeClust
     }
   }
   const mirrors = r.mirrors.map((m) => ({ cluster: clusters.get(m.cluster), fraction: m.fraction }));
-  return { config: r, filters, destinations, totalWeight, mirrors, replayBody: r.retry.attempts > 0 || mirrors.length > 0 };
+  return { config: r, filters, securityFilters, destinations, totalWeight, mirrors, replayBody: r.retry.attempts > 0 || mirrors.length > 0 };
 }
 
 function buildL4Route(r: CompiledL4Route, state: (cluster: string) => L4ClusterState): RuntimeL4Route {

@@ -6,6 +6,7 @@ import { type RawData, WebSocket, WebSocketServer } from 'ws';
 import { type AccessLogRecord, accessRecord } from './accesslog.ts';
 import { CONNECT_FAILURE_CODES, Details, type DetailsName, LOCAL_BODIES, type LocalReply } from './details.ts';
 import { Exchange } from './exchange.ts';
+import type { HttpFilter } from './filter.ts';
 import { applyMutation, downstreamResponseHeaders } from './headers.ts';
 import type { RuntimeDestination, RuntimeVirtualHost, Snapshot } from './snapshot.ts';
 import type { MetricSlot, Telemetry } from './telemetry.ts';
@@ -240,6 +241,37 @@ export class WebSocketProxy {
       this.#refuse(x, socket, { status: 403, details: 'websocket_origin_not_allowed', flag: Details.websocket_origin_not_allowed.flag });
       return unpin();
     }
+    // Authentication, authorization and quotas apply to an upgrade as to any request on its route.
+    this.#secure(x, route.securityFilters, 0, socket, head, unpin);
+  }
+
+  #secure(x: Exchange, filters: readonly HttpFilter[], from: number, socket: Duplex, head: Buffer, unpin: () => void): void {
+    for (let i = from; i < filters.length; i++) {
+      const r = (filters[i] as HttpFilter).onRequest(x);
+      if (r === undefined) continue;
+      if (r instanceof Promise) {
+        r.then(
+          (v) => {
+            if (socket.destroyed) return unpin();
+            if (v === undefined) return this.#secure(x, filters, i + 1, socket, head, unpin);
+            this.#refuse(x, socket, fromLocal(v));
+            unpin();
+          },
+          (err: unknown) => {
+            this.#deps.onError(err, x);
+            this.#refuse(x, socket, { status: 500, details: 'internal_error', flag: '-' });
+            unpin();
+          },
+        );
+        return;
+      }
+      this.#refuse(x, socket, fromLocal(r));
+      return unpin();
+    }
+    this.#route(x, socket, head, unpin);
+  }
+
+  #route(x: Exchange, socket: Duplex, head: Buffer, unpin: () => void): void {
     const t = this.#router.upstreamTarget(x);
     if ('status' in t) {
       this.#refuse(x, socket, fromLocal(t));
@@ -450,11 +482,12 @@ export class WebSocketProxy {
 }
 
 function fromLocal(r: LocalReply): UpgradeReply {
+  const body = r.body ?? LOCAL_BODIES[r.details];
   return {
     status: r.status,
-    details: r.details,
+    details: r.detailText ?? r.details,
     flag: Details[r.details].flag,
-    ...(r.body === undefined ? {} : { body: r.body }),
+    ...(body === undefined ? {} : { body }),
     ...(r.headers === undefined ? {} : { headers: r.headers }),
   };
 }
