@@ -974,7 +974,7 @@ describe('Redis Cluster (3 masters) through --quota-store cluster: one process, 
     const keys: (string | undefined)[] = [undefined, undefined, undefined];
     for (let i = 0; keys.includes(undefined) && i < 1000; i++) {
       const value = `${run}-${i}`;
-      const counterKey = compiled.evaluate((r) => (r.kind === 'request.headers' ? value : undefined)).key;
+      const counterKey = compiled.evaluate((r) => (r.kind === 'request.headers' ? value : undefined), undefined).key;
       const master = owner(Number(await (admins[0] as Redis).cluster('KEYSLOT', `mgq:{${counterKey}}`)));
       if (master >= 0 && keys[master] === undefined) keys[master] = value;
     }

@@ -172,21 +172,21 @@ describe('dimensions and overrides', () => {
       maxAmount: 10,
       validDurationMs: 1000,
     });
-    const k1 = q.evaluate(attrs({ 'source.ip': '10.0.0.1', 'h:x-user': 'alice', 'route.name': 'r' })).key;
+    const k1 = q.evaluate(attrs({ 'source.ip': '10.0.0.1', 'h:x-user': 'alice', 'route.name': 'r' }), undefined).key;
     assert.equal(k1, 'ns/q|10.0.0.1|r|alice');
-    const absent = q.evaluate(attrs({ 'source.ip': '10.0.0.1', 'route.name': 'r' })).key;
-    const empty = q.evaluate(attrs({ 'source.ip': '10.0.0.1', 'h:x-user': '', 'route.name': 'r' })).key;
+    const absent = q.evaluate(attrs({ 'source.ip': '10.0.0.1', 'route.name': 'r' }), undefined).key;
+    const empty = q.evaluate(attrs({ 'source.ip': '10.0.0.1', 'h:x-user': '', 'route.name': 'r' }), undefined).key;
     assert.notEqual(absent, empty);
     // A value cannot forge a separator and collide with another tuple.
-    const a = q.evaluate(attrs({ 'source.ip': 'x|y', 'route.name': 'z', 'h:x-user': 'u' })).key;
-    const b = q.evaluate(attrs({ 'source.ip': 'x', 'route.name': 'y|z', 'h:x-user': 'u' })).key;
+    const a = q.evaluate(attrs({ 'source.ip': 'x|y', 'route.name': 'z', 'h:x-user': 'u' }), undefined).key;
+    const b = q.evaluate(attrs({ 'source.ip': 'x', 'route.name': 'y|z', 'h:x-user': 'u' }), undefined).key;
     assert.notEqual(a, b);
   });
 
   test('long values are hashed: keys stay bounded and distinct', () => {
     const q = compileQuota({ name: 'q', dimensions: { u: 'request.headers[x-user]' }, maxAmount: 1, validDurationMs: 1000 });
-    const k1 = q.evaluate(attrs({ 'h:x-user': 'a'.repeat(65_536) })).key;
-    const k2 = q.evaluate(attrs({ 'h:x-user': `${'a'.repeat(65_535)}b` })).key;
+    const k1 = q.evaluate(attrs({ 'h:x-user': 'a'.repeat(65_536) }), undefined).key;
+    const k2 = q.evaluate(attrs({ 'h:x-user': `${'a'.repeat(65_535)}b` }), undefined).key;
     assert.ok(k1.length < 100 && k1.startsWith('q|#'));
     assert.notEqual(k1, k2);
   });
@@ -203,16 +203,16 @@ describe('dimensions and overrides', () => {
         { dimensions: { path: '/free' }, maxAmount: 50, validDurationMs: 1000 },
       ],
     });
-    const c1 = q.evaluate(attrs({ 'c:sub': 'vip', 'request.path': '/a' }));
-    const c2 = q.evaluate(attrs({ 'c:sub': 'vip', 'request.path': '/free' }));
-    const c3 = q.evaluate(attrs({ 'c:sub': 'bob', 'request.path': '/free' }));
-    const c4 = q.evaluate(attrs({ 'c:sub': 'bob', 'request.path': '/a' }));
+    const c1 = q.evaluate(attrs({ 'c:sub': 'vip', 'request.path': '/a' }), undefined);
+    const c2 = q.evaluate(attrs({ 'c:sub': 'vip', 'request.path': '/free' }), undefined);
+    const c3 = q.evaluate(attrs({ 'c:sub': 'bob', 'request.path': '/free' }), undefined);
+    const c4 = q.evaluate(attrs({ 'c:sub': 'bob', 'request.path': '/a' }), undefined);
     assert.equal(c1.limit.maxAmount, 1000);
     assert.equal(c2.limit.maxAmount, 100);
     assert.equal(c3.limit.maxAmount, 50);
     assert.equal(c3.limit.windowMs, 1000);
     assert.equal(c4.limit, q.limit);
-    assert.equal(q.evaluate(attrs({ 'c:sub': 'vip', 'request.path': '/b' })).limit, c2.limit);
+    assert.equal(q.evaluate(attrs({ 'c:sub': 'vip', 'request.path': '/b' }), undefined).limit, c2.limit);
     assert.equal(c3.policy.policy, '"q";q=50;w=1');
     // Different dimension values are different counters in a store.
     const s = new MemoryQuotaStore();
@@ -266,13 +266,13 @@ describe("checkQuotas (the route's quota chain)", () => {
   test('synchronous with a synchronous store; the first quota that denies answers, with its own policy', () => {
     const s = new MemoryQuotaStore();
     const chain = [perUser, global];
-    assert.equal(checkQuotas(chain, s, as('a')), undefined);
-    assert.equal(checkQuotas(chain, s, as('a')), undefined);
-    const r1 = checkQuotas(chain, s, as('a'));
+    assert.equal(checkQuotas(chain, s, as('a'), undefined), undefined);
+    assert.equal(checkQuotas(chain, s, as('a'), undefined), undefined);
+    const r1 = checkQuotas(chain, s, as('a'), undefined);
     assert.ok(r1 !== undefined && !(r1 instanceof Promise));
     assert.equal(r1.headers?.['ratelimit-policy'], '"per-user";q=2;w=60');
-    assert.equal(checkQuotas(chain, s, as('b')), undefined);
-    const r2 = checkQuotas(chain, s, as('c'));
+    assert.equal(checkQuotas(chain, s, as('b'), undefined), undefined);
+    const r2 = checkQuotas(chain, s, as('c'), undefined);
     assert.ok(r2 !== undefined && !(r2 instanceof Promise));
     assert.equal(r2.status, 429);
     assert.equal(r2.headers?.['ratelimit-policy'], '"global";q=3;w=60');
@@ -286,7 +286,7 @@ describe("checkQuotas (the route's quota chain)", () => {
     };
     const verdicts = [];
     for (let i = 0; i < 4; i++) {
-      const v = checkQuotas([perUser, global], later, as('x'));
+      const v = checkQuotas([perUser, global], later, as('x'), undefined);
       assert.ok(v instanceof Promise);
       verdicts.push(await v);
     }

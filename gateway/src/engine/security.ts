@@ -419,6 +419,10 @@ function authzFilter(authz: CompiledAuthorization, check: CustomCheck, hops: num
     name: 'meshgate.rbac',
     onRequest(x) {
       const attrs = exchangeAttributes(x, x.auth, opts);
+      if (authz.provider === undefined) {
+        const d = authz.authorize(attrs);
+        return d instanceof Promise ? d.then((r) => decide(x, r)) : decide(x, d);
+      }
       // A CUSTOM adapter that allows may add headers for the upstream request (ext_authz's allowed_upstream_headers).
       const d = authz.authorize(attrs, (provider, a) =>
         check(provider, a).then((v) => {
@@ -434,13 +438,14 @@ function authzFilter(authz: CompiledAuthorization, check: CustomCheck, hops: num
 function quotaFilter(quotas: readonly BoundQuota[], store: QuotaStore, hops: number, service: string | undefined): HttpFilter {
   const anyHosts = quotas.some((q) => q.hosts !== undefined);
   const all = quotas.map((q) => q.compiled);
+  // One getter for every request of the route: the Exchange is its argument.
+  const get = (ref: AttributeRef, x: Exchange): string | undefined => attribute(x, ref, hops, service);
   return {
     name: 'meshgate.quota',
     onRequest(x) {
-      const get = (ref: AttributeRef): string | undefined => attribute(x, ref, hops, service);
       const list = anyHosts ? quotas.filter((q) => q.hosts === undefined || q.hosts.some((h) => hostCovers(h, x.host))).map((q) => q.compiled) : all;
       if (list.length === 0) return undefined;
-      return checkQuotas(list, store, get);
+      return checkQuotas(list, store, get, x);
     },
   };
 }

@@ -10,19 +10,19 @@ export type QuotaVerdict = RateLimitedReply | undefined;
  * their charge (Mixer and Envoy do the same; refunds would cost a Redis call per denial).
  * Synchronous while every store answers synchronously, which is the common case.
  */
-export function checkQuotas(quotas: readonly CompiledQuota[], store: QuotaStore, get: AttributeGetter): QuotaVerdict | Promise<QuotaVerdict> {
+export function checkQuotas<C>(quotas: readonly CompiledQuota[], store: QuotaStore, get: AttributeGetter<C>, ctx: C): QuotaVerdict | Promise<QuotaVerdict> {
   for (let i = 0; i < quotas.length; i++) {
-    const charge = (quotas[i] as CompiledQuota).evaluate(get);
+    const charge = (quotas[i] as CompiledQuota).evaluate(get, ctx);
     const r = store.acquire(charge.key, charge.amount, charge.limit);
-    if (r instanceof Promise) return r.then((res) => (res.allowed ? rest(quotas, i + 1, store, get) : rateLimitedReply(charge.policy, res)));
+    if (r instanceof Promise) return r.then((res) => (res.allowed ? rest(quotas, i + 1, store, get, ctx) : rateLimitedReply(charge.policy, res)));
     if (!r.allowed) return rateLimitedReply(charge.policy, r);
   }
   return undefined;
 }
 
-async function rest(quotas: readonly CompiledQuota[], from: number, store: QuotaStore, get: AttributeGetter): Promise<QuotaVerdict> {
+async function rest<C>(quotas: readonly CompiledQuota[], from: number, store: QuotaStore, get: AttributeGetter<C>, ctx: C): Promise<QuotaVerdict> {
   for (let i = from; i < quotas.length; i++) {
-    const charge = (quotas[i] as CompiledQuota).evaluate(get);
+    const charge = (quotas[i] as CompiledQuota).evaluate(get, ctx);
     const r: QuotaResult = await store.acquire(charge.key, charge.amount, charge.limit);
     if (!r.allowed) return rateLimitedReply(charge.policy, r);
   }

@@ -11,8 +11,11 @@ export type AttributeRef =
   /** `request.auth.claims["sub"]`, nested claims as `request.auth.claims["a"]["b"]` (Istio's form). */
   | { readonly kind: 'request.auth.claims'; readonly path: readonly string[] };
 
-/** Reads one attribute of the current request; `undefined` when absent (no header, no token…). */
-export type AttributeGetter = (ref: AttributeRef) => string | undefined;
+/**
+ * Reads one attribute of a request (`ctx`, e.g. the Exchange); `undefined` when absent (no header, no
+ * token…). The request rides as an argument so one getter serves every request (no closure each).
+ */
+export type AttributeGetter<C = unknown> = (ref: AttributeRef, ctx: C) => string | undefined;
 
 const PLAIN = new Set(['source.ip', 'request.path', 'request.method', 'request.host', 'destination.service', 'route.name']);
 
@@ -85,7 +88,7 @@ export interface CompiledQuota {
   readonly limit: QuotaLimit;
   readonly policy: RateLimitPolicy;
   /** One getter call per dimension, one key string; no other allocation beyond the values array. */
-  evaluate(get: AttributeGetter): QuotaCharge;
+  evaluate<C>(get: AttributeGetter<C>, ctx: C): QuotaCharge;
 }
 
 /** Counter keys longer than this keep the quota name and hash the values (a 64 KiB header is not a key). */
@@ -160,11 +163,11 @@ export function compileQuota(cfg: QuotaRuleConfig): CompiledQuota {
     name: q,
     limit,
     policy,
-    evaluate(get: AttributeGetter): QuotaCharge {
+    evaluate<C>(get: AttributeGetter<C>, ctx: C): QuotaCharge {
       const values: (string | undefined)[] = new Array(refs.length);
       let key = prefix;
       for (let i = 0; i < refs.length; i++) {
-        const v = get(refs[i] as AttributeRef);
+        const v = get(refs[i] as AttributeRef, ctx);
         values[i] = v;
         key += i === 0 ? '' : '|';
         key += v === undefined ? ABSENT : escapeValue(v);

@@ -130,14 +130,14 @@ export function jwtAuthnFilter(rules: readonly JwtRule[], deps: JwtDeps, opts: J
       if (h[name] === undefined) continue;
       const raw = x.req.rawHeaders;
       for (let i = 0; i + 1 < raw.length; i += 2) {
-        if ((raw[i] as string).toLowerCase() !== name) continue;
+        const n = raw[i] as string;
+        if (n.length !== name.length || n.toLowerCase() !== name) continue;
         const value = raw[i + 1] as string;
-        const lower = value.toLowerCase();
         // One header line is at most one token: the location with the longest matching prefix reads it.
         let best = -1;
         for (let loc = 0; loc < locations.length; loc++) {
           const l = locations[loc] as Location;
-          if (l.kind !== 'header' || l.name !== name || !lower.startsWith(l.prefix)) continue;
+          if (l.kind !== 'header' || l.name !== name || !startsWithIgnoreCase(value, l.prefix)) continue;
           if (best < 0 || l.prefix.length > (locations[best] as { prefix: string }).prefix.length) best = loc;
         }
         if (best >= 0) found.push({ token: value.slice((locations[best] as { prefix: string }).prefix.length).trim(), loc: best });
@@ -175,7 +175,9 @@ export function jwtAuthnFilter(rules: readonly JwtRule[], deps: JwtDeps, opts: J
     }
     const l = locations[found.loc] as Location;
     // Envoy removes a header-borne token (the whole header); param and cookie tokens stay.
-    if (!o.forward && l.kind === 'header') delete h[l.name];
+    // (Set to undefined, not deleted: a delete turns the headers object into a slow dictionary, and
+    // every reader, the upstream copy included, treats undefined as absent.)
+    if (!o.forward && l.kind === 'header') h[l.name] = undefined;
     return undefined;
   };
 
@@ -184,7 +186,7 @@ export function jwtAuthnFilter(rules: readonly JwtRule[], deps: JwtDeps, opts: J
     verifier,
     warm: () => verifier.warm(),
     onRequest(x) {
-      for (const name of outputHeaders) delete x.headers[name];
+      for (const name of outputHeaders) if (x.headers[name] !== undefined) x.headers[name] = undefined;
       // A CORS preflight carries no credentials (Fetch standard): it is not authenticated, as Envoy's
       // bypass_cors_preflight, which Istio turns on. Authorization still judges it.
       if (x.method === 'OPTIONS' && x.headers.origin !== undefined && x.headers['access-control-request-method'] !== undefined) return undefined;
@@ -201,6 +203,17 @@ export function jwtAuthnFilter(rules: readonly JwtRule[], deps: JwtDeps, opts: J
       return verifier.verify(f.token, accept).then((out) => (out.ok ? succeed(x, f, out) : reply(x, out.details)));
     },
   };
+}
+
+/** `value` starts with `prefix` (already lower case), ASCII case-insensitively; no copy of the value. */
+function startsWithIgnoreCase(value: string, prefix: string): boolean {
+  if (value.length < prefix.length) return false;
+  for (let i = 0; i < prefix.length; i++) {
+    let c = value.charCodeAt(i);
+    if (c >= 65 && c <= 90) c += 32;
+    if (c !== prefix.charCodeAt(i)) return false;
+  }
+  return true;
 }
 
 /** A claim as a header value: strings, numbers and booleans as text, lists of them joined by commas. */
