@@ -102,6 +102,7 @@ async function validate(args: string[]): Promise<number> {
         rootNamespace: values['root-namespace'] ?? 'istio-system',
         gateways: [...new Set(result.config.listeners.flatMap((l) => l.gateways))],
       },
+      listeners: result.config.listeners,
       quotaStore: store,
     });
     if (security.ok) await security.plan.close();

@@ -572,7 +572,7 @@ describe('edge CUSTOM with meshgate:ext-authz against a real loopback authorizat
   });
   const backend = () => fx.upstream('backend');
 
-  test('200 from the service admits; only the allowed upstream headers are added; the check carries the normalized path and allowed headers', async () => {
+  test('200 from the service admits; only the allowed upstream headers are added; the check carries the normalized path, the query and the allowed headers (as Envoy)', async () => {
     const r = await http1(fx.port, {
       path: '/custom/./a/../b?q=1',
       headers: { authorization: 'Bearer letmein', 'x-tenant': 'acme', 'x-secret': 's3cret', 'x-auth-user': 'spoofed' },
@@ -584,7 +584,7 @@ describe('edge CUSTOM with meshgate:ext-authz against a real loopback authorizat
     assert.equal(u?.headers['x-internal'], undefined);
     const c = checks.at(-1);
     assert.equal(c?.method, 'GET');
-    assert.equal(c?.url, '/authz/check/custom/b');
+    assert.equal(c?.url, '/authz/check/custom/b?q=1');
     assert.equal(c?.headers.host, HOST);
     assert.equal(c?.headers['x-tenant'], 'acme');
     assert.equal(c?.headers.authorization, 'Bearer letmein');

@@ -195,6 +195,7 @@ export class Gateway {
         rootNamespace: this.#opts.rootNamespace ?? 'istio-system',
         gateways: [...new Set(config.listeners.flatMap((l) => l.gateways))],
       },
+      listeners: config.listeners,
       quotaStore: this.#quotaStore,
       xffTrustedHops: this.#opts.xffTrustedHops ?? 0,
       ...(this.#opts.jwt === undefined ? {} : { jwt: this.#opts.jwt }),

@@ -1,12 +1,15 @@
 import { type AddressInfo, connect, createServer, type Server, type Socket } from 'node:net';
 import { performance } from 'node:perf_hooks';
 import { Details, type DetailsName } from '../engine/details.ts';
+import type { CompiledAuthorization } from '../engine/filters/authz/index.ts';
 import type { AccessLogRecord, Engine } from '../engine/proxy.ts';
 import { RandomHex } from '../engine/random.ts';
 import { findL4Route, type L4ClusterState, pickL4Destination, type RuntimeListener, type Snapshot } from '../engine/snapshot.ts';
 import type { TcpSeries, TcpSlot } from '../engine/telemetry.ts';
 import type { RuntimeCluster, RuntimeEndpoint } from '../engine/upstream.ts';
 import { parseClientHello } from './client-hello.ts';
+
+const NO_HEADERS: Readonly<Record<string, string>> = Object.freeze({});
 
 export interface L4Listener {
   readonly port: number;
@@ -111,6 +114,8 @@ class L4Connection {
   #routeName: string | null = null;
   #serverName = '';
   #details: DetailsName = 'via_upstream';
+  /** The access log's details when more specific (the RBAC policy that denied). */
+  #detailText: string | undefined;
   #detailsSet = false;
   #received = 0;
   #sent = 0;
@@ -206,6 +211,9 @@ class L4Connection {
 
   #route(listener: RuntimeListener, serverName: string | undefined, head: Buffer | undefined): void {
     const snap = this.#snapOrThrow();
+    // AuthorizationPolicies hold for TCP and TLS passthrough too (Istio's TCP rules: see forTcp).
+    const authz = snap.security?.tcpAuthz;
+    if (authz !== undefined && !this.#authorized(authz, listener, serverName)) return this.#deny('rbac_access_denied', snap.tcpNoDestination);
     const route = findL4Route(listener, serverName);
     if (route === undefined) return this.#deny('route_not_found', snap.tcpNoDestination);
     this.#routeName = route.config.name;
@@ -227,6 +235,27 @@ class L4Connection {
     series.opened++;
     this.#series = series;
     this.#connect(cluster, ep, head);
+  }
+
+  #authorized(authz: CompiledAuthorization, listener: RuntimeListener, serverName: string | undefined): boolean {
+    const down = this.#down;
+    const peer = down.remoteAddress ?? '';
+    const ip = peer.startsWith('::ffff:') ? peer.slice(7) : peer;
+    const d = authz.authorize({
+      method: '',
+      authority: serverName ?? '',
+      path: '',
+      headers: NO_HEADERS,
+      destinationPort: listener.config.port,
+      destinationIp: down.localAddress,
+      sourceIp: ip,
+      remoteIp: ip,
+      sni: serverName,
+    });
+    // No CUSTOM policy reaches TCP, so the decision is synchronous.
+    if (d instanceof Promise) return false;
+    if (!d.allowed) this.#detailText = d.details;
+    return d.allowed;
   }
 
   #connect(cluster: RuntimeCluster, ep: RuntimeEndpoint, head: Buffer | undefined): void {
@@ -376,7 +405,7 @@ class L4Connection {
         protocol: 'TCP',
         response_code: 0,
         response_flags: flag,
-        response_code_details: this.#details,
+        response_code_details: this.#detailText ?? this.#details,
         bytes_received: this.#received,
         bytes_sent: this.#sent,
         duration: Math.round(performance.now() - this.#start),

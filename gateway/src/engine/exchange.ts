@@ -46,6 +46,8 @@ export class Exchange implements MatchInput {
   auth: AuthResult | undefined;
   /** The AUDIT AuthorizationPolicy rule that matched, for the access log. */
   audit: string | undefined;
+  /** The log phase ran (the client side closed): late filter results are dropped. */
+  logged = false;
   /** Flags beyond the one implied by details (DI for an injected delay, URX...). */
   extraFlags = '';
   bytesReceived = 0;

@@ -124,11 +124,19 @@ export class Engine {
       if (result instanceof Promise) {
         result.then(
           (r) => {
-            if (x.res.destroyed || x.res.writableEnded) return;
-            if (r === undefined) this.#runFilters(x, filters, i + 1);
-            else this.reply(x, r);
+            // Gone while the filter waited (an HTTP/2 stream reset, a closed connection): the log
+            // phase ran, the snapshot is released, and nothing goes upstream.
+            if (x.logged || x.res.writableEnded) return;
+            try {
+              if (r === undefined) this.#runFilters(x, filters, i + 1);
+              else this.reply(x, r);
+            } catch (err) {
+              this.#rescue(x, err);
+            }
           },
-          (err: unknown) => this.#rescue(x, err),
+          (err: unknown) => {
+            if (!x.logged) this.#rescue(x, err);
+          },
         );
         return;
       }
@@ -226,7 +234,9 @@ export class Engine {
     }
     // RFC 9112 §3.2: an invalid Host (empty, userinfo, bad port, stray characters) is a 400.
     if (authority === undefined || !AUTHORITY.test(authority)) return { status: 400, details: 'invalid_request' };
-    x.authority = authority;
+    // One spelling of the authority for routing, authorization and the upstream: a trailing dot on
+    // the host (`admin.example.com.`) names the same host, so it is dropped here, not only in routing.
+    x.authority = withoutTrailingDot(authority);
     x.host = hostOnly(authority);
     const ct = h['content-type'];
     x.grpc = ct?.startsWith('application/grpc') === true;
@@ -374,6 +384,7 @@ export class Engine {
   }
 
   #logPhase(x: Exchange): void {
+    x.logged = true;
     const duration = performance.now() - x.start;
     if (x.body !== undefined) x.bytesReceived = x.body.total;
     if (x.status === 0) x.details = 'downstream_disconnect';
@@ -740,6 +751,14 @@ class UpstreamCall implements UpstreamHandler {
     if (this.deadlineTimer !== undefined) clearTimeout(this.deadlineTimer);
     if (this.#tryTimer !== undefined) clearTimeout(this.#tryTimer);
   }
+}
+
+function withoutTrailingDot(authority: string): string {
+  if (authority.charCodeAt(0) === 91 /* [ */) return authority;
+  const colon = authority.lastIndexOf(':');
+  const dot = (colon < 0 ? authority.length : colon) - 1;
+  if (authority.charCodeAt(dot) !== 46 /* . */) return authority;
+  return authority.slice(0, dot) + authority.slice(dot + 1);
 }
 
 function hostOnly(authority: string): string {

@@ -1,7 +1,7 @@
-import type { CompiledRoute, Diagnostic, Resource } from '@meshgate/policies';
+import type { CompiledListener, CompiledRoute, Diagnostic, Resource } from '@meshgate/policies';
 import { hostCovers, PolicyErrorCode, qualifyHost, resolveAdapterModule } from '@meshgate/policies';
 import { type AdapterConfig, AdapterLoadError, type AdapterLogger, customCheck, loadAdapters, type RuntimeAdapter } from './adapters/runtime.ts';
-import type { LocalReply } from './details.ts';
+import { GatewayError, GatewayErrorCode, type LocalReply } from './details.ts';
 import type { Exchange } from './exchange.ts';
 import type { FilterResult, HttpFilter } from './filter.ts';
 import type { AuthorizationPolicyResource, AuthzDecision, AuthzTargetRef, AuthzWorkload, CompiledAuthorization, CustomCheck } from './filters/authz/index.ts';
@@ -28,6 +28,8 @@ export interface SecurityOptions {
   readonly now?: () => number;
   readonly fetch?: typeof globalThis.fetch;
   readonly onJwksError?: (uri: string, err: Error) => void;
+  /** The configuration's listeners: every route's policy combination is compiled (and checked) up front. */
+  readonly listeners?: readonly CompiledListener[];
   /** Where adapter failures are logged (throttled). Default: only counted. */
   readonly logger?: AdapterLogger;
   /** The directory relative policy paths were loaded against (adapter modules resolve from their YAML file). */
@@ -119,23 +121,60 @@ function applies(r: Resource, w: AuthzWorkload): boolean {
   return policyApplies(asAuthzResource(r), w);
 }
 
-/** Route-level targets: `targetRef(s)` of kind Service / ServiceEntry name a route's destination hosts. */
-function serviceTargets(r: Resource, serviceEntries: readonly Resource[]): string[] | undefined {
+const GATEWAY_GROUPS = new Set(['gateway.networking.k8s.io', 'networking.istio.io']);
+
+interface Targets {
+  /** No targetRef: the selector/namespace scope decides (policyApplies). */
+  readonly byScope: boolean;
+  /** A Gateway ref names a Gateway this gateway serves: the policy applies to all its routes. */
+  readonly gateway: boolean;
+  /** Service / ServiceEntry refs: the hosts of the routes the policy binds to. */
+  readonly hosts: readonly string[];
+}
+
+/**
+ * Each `targetRef(s)` entry on its own: kind Gateway → this gateway (if it serves that Gateway);
+ * Service / ServiceEntry → routes reaching those hosts (AuthorizationPolicy only). Other kinds are a
+ * configuration error: silently ignoring a ref would silently drop a policy.
+ */
+function targetsOf(r: Resource, w: AuthzWorkload, serviceEntries: readonly Resource[], routeLevel: boolean, out: Diagnostic[]): Targets {
   const spec = r.spec as unknown as ScopedSpec;
   const refs = spec.targetRefs ?? (spec.targetRef === undefined ? [] : [spec.targetRef]);
+  if (refs.length === 0) return { byScope: true, gateway: false, hosts: [] };
+  const field = spec.targetRefs === undefined ? 'targetRef' : 'targetRefs';
   const hosts: string[] = [];
-  let any = false;
-  for (const ref of refs) {
-    if (ref.kind === 'Service') {
-      any = true;
-      hosts.push(qualifyHost(ref.name, ref.namespace ?? r.namespace));
-    } else if (ref.kind === 'ServiceEntry') {
-      any = true;
-      const se = serviceEntries.find((s) => s.name === ref.name && s.namespace === (ref.namespace ?? r.namespace));
-      for (const h of (se?.spec as { hosts?: readonly string[] } | undefined)?.hosts ?? []) hosts.push(qualifyHost(h, se?.namespace ?? r.namespace));
+  let gateway = false;
+  refs.forEach((ref, i) => {
+    const path = field === 'targetRef' ? ['spec', 'targetRef', 'kind'] : ['spec', 'targetRefs', i, 'kind'];
+    if (ref.kind === 'Gateway' && GATEWAY_GROUPS.has(ref.group ?? 'gateway.networking.k8s.io')) {
+      if (policyApplies({ namespace: r.namespace, name: r.name, spec: { targetRefs: [ref] } }, w)) gateway = true;
+    } else if (routeLevel && ref.kind === 'Service' && (ref.group ?? '') === '') {
+      hosts.push(qualifyHost(ref.name, r.namespace));
+    } else if (routeLevel && ref.kind === 'ServiceEntry' && (ref.group ?? 'networking.istio.io') === 'networking.istio.io') {
+      const se = serviceEntries.find((s) => s.name === ref.name && s.namespace === r.namespace);
+      if (se === undefined) out.push(diag(r, path.slice(0, -1), PolicyErrorCode.REFERENCE, `no ServiceEntry ${r.namespace}/${ref.name}`));
+      for (const h of (se?.spec as { hosts?: readonly string[] } | undefined)?.hosts ?? []) hosts.push(qualifyHost(h, r.namespace));
+    } else {
+      const kinds = routeLevel ? 'Gateway, Service or ServiceEntry' : 'Gateway';
+      out.push(diag(r, path, PolicyErrorCode.UNSUPPORTED_FIELD, `a ${r.kind} targetRef of kind ${ref.kind} is not supported by meshgate (use ${kinds})`));
     }
+  });
+  return { byScope: false, gateway, hosts };
+}
+
+/** Every route of the listeners, once each (a route shared by virtual hosts is one object). */
+function routesOf(listeners: readonly CompiledListener[]): CompiledRoute[] {
+  const seen = new Set<CompiledRoute>();
+  for (const l of listeners) {
+    const t = l.routes;
+    for (const v of [...t.exact.values(), ...t.wildcards.map((x) => x.vhost), ...(t.any === undefined ? [] : [t.any])]) for (const r of v.routes) seen.add(r);
   }
-  return any ? hosts : undefined;
+  return [...seen];
+}
+
+/** The destination hosts of a route (`outbound|port|subset|host` cluster names). */
+function routeHosts(route: CompiledRoute): string[] {
+  return route.action.kind === 'route' ? route.action.destinations.map((d) => d.cluster.split('|')[3] ?? '') : [];
 }
 
 interface BoundQuota {
@@ -182,7 +221,8 @@ export async function buildSecurity(resources: readonly Resource[], opts: Securi
   const jwtRules: JwtRule[] = [];
   const jwtSources: { r: Resource; index: number }[] = [];
   for (const r of ofKind(resources, 'RequestAuthentication')) {
-    if (!applies(r, w)) continue;
+    const t = targetsOf(r, w, serviceEntries, false, out);
+    if (t.byScope ? !applies(r, w) : !t.gateway) continue;
     const spec = r.spec as unknown as RequestAuthenticationSpec;
     (spec.jwtRules ?? []).forEach((rule, index) => {
       jwtRules.push({
@@ -225,17 +265,16 @@ export async function buildSecurity(resources: readonly Resource[], opts: Securi
   const policySources = new Map<string, Resource>();
   for (const r of ofKind(resources, 'AuthorizationPolicy')) {
     policySources.set(`AuthorizationPolicy/${r.namespace}/${r.name}`, r);
-    const targets = serviceTargets(r, serviceEntries);
-    if (targets !== undefined) {
+    const t = targetsOf(r, w, serviceEntries, true, out);
+    if (t.byScope ? applies(r, w) : t.gateway) gatewayPolicies.push(asAuthzResource(r));
+    else if (t.hosts.length > 0 && (r.namespace === w.namespace || r.namespace === (w.rootNamespace ?? 'istio-system')))
       // A route-level policy lives in the gateway's namespace or the root namespace.
-      if (r.namespace === w.namespace || r.namespace === (w.rootNamespace ?? 'istio-system'))
-        routePolicies.push({ policy: asAuthzResource(r), hosts: targets });
-    } else if (applies(r, w)) gatewayPolicies.push(asAuthzResource(r));
+      routePolicies.push({ policy: asAuthzResource(r), hosts: t.hosts });
   }
   const customProviders = new Set(adapterConfigs.map((a) => a.name));
   const authzCache = new Map<string, CompiledAuthorization>();
-  const authzFor = (policies: readonly AuthorizationPolicyResource[]): CompiledAuthorization | undefined => {
-    const key = policies.map((p) => `${p.namespace}/${p.name}`).join('\n');
+  const authzFor = (policies: readonly AuthorizationPolicyResource[], variant = ''): CompiledAuthorization | undefined => {
+    const key = variant + policies.map((p) => `${p.namespace}/${p.name}`).join('\n');
     let a = authzCache.get(key);
     if (a === undefined) {
       try {
@@ -255,6 +294,17 @@ export async function buildSecurity(resources: readonly Resource[], opts: Securi
   // Every policy compiled on its own once, so each mistake is reported (not just the first).
   for (const p of [...gatewayPolicies, ...routePolicies.map((x) => x.policy)]) authzFor([p]);
   const gatewayAuthz = authzFor(gatewayPolicies);
+  const tcpPolicies = gatewayPolicies.map(forTcp).filter((p): p is AuthorizationPolicyResource => p !== undefined);
+  // (Cached apart: the same policy names compile to other rules for TCP.)
+  const tcpAuthz = tcpPolicies.length === 0 ? undefined : authzFor(tcpPolicies, 'tcp\n');
+  // Each route's combination too (gateway-wide + the policies bound to its services): two CUSTOM
+  // providers meeting on one route is a configuration error, found now rather than at snapshot build.
+  if (routePolicies.length > 0) {
+    for (const route of routesOf(opts.listeners ?? [])) {
+      const level = routeLevelPolicies(routePolicies, routeHosts(route));
+      if (level.length > 0) authzFor([...gatewayPolicies, ...level]);
+    }
+  }
 
   // Quotas.
   const quotas: BoundQuota[] = [];
@@ -317,6 +367,7 @@ export async function buildSecurity(resources: readonly Resource[], opts: Securi
   const plan = new SecurityPlan({
     jwt,
     gatewayAuthz,
+    tcpAuthz,
     routePolicies,
     gatewayPolicies,
     authzFor,
@@ -332,6 +383,7 @@ export async function buildSecurity(resources: readonly Resource[], opts: Securi
 interface PlanParts {
   readonly jwt: JwtAuthnFilter | undefined;
   readonly gatewayAuthz: CompiledAuthorization | undefined;
+  readonly tcpAuthz: CompiledAuthorization | undefined;
   readonly gatewayPolicies: readonly AuthorizationPolicyResource[];
   readonly routePolicies: readonly { readonly policy: AuthorizationPolicyResource; readonly hosts: readonly string[] }[];
   readonly authzFor: (policies: readonly AuthorizationPolicyResource[]) => CompiledAuthorization | undefined;
@@ -366,17 +418,32 @@ export class SecurityPlan {
           ];
   }
 
+  /**
+   * The gateway's AuthorizationPolicies as TCP and TLS-passthrough listeners apply them (Istio's
+   * rules for TCP traffic, see forTcp); undefined when none applies.
+   */
+  get tcpAuthz(): CompiledAuthorization | undefined {
+    return this.#p.tcpAuthz;
+  }
+
   /** No security resource applies: routes get no security filters at all. */
   get empty(): boolean {
     const p = this.#p;
-    return p.jwt === undefined && (p.gatewayAuthz?.empty ?? true) && p.routePolicies.length === 0 && p.quotas.length === 0 && this.reporters.length === 0;
+    return (
+      p.jwt === undefined &&
+      (p.gatewayAuthz?.empty ?? true) &&
+      p.tcpAuthz === undefined &&
+      p.routePolicies.length === 0 &&
+      p.quotas.length === 0 &&
+      this.reporters.length === 0
+    );
   }
 
   /** The filters a route runs before its own (CORS, fault). Routes with equal needs share one array. */
   filtersFor(route: CompiledRoute): readonly HttpFilter[] {
     const p = this.#p;
-    const hosts = route.action.kind === 'route' ? route.action.destinations.map((d) => d.cluster.split('|')[3] ?? '') : [];
-    const routeLevel = p.routePolicies.filter((rp) => rp.hosts.some((h) => hosts.includes(h))).map((rp) => rp.policy);
+    const hosts = routeHosts(route);
+    const routeLevel = routeLevelPolicies(p.routePolicies, hosts);
     const quotas = p.quotas.filter((q) => q.routes === undefined || q.routes.has(route.name));
     const key = `${routeLevel.map((x) => `${x.namespace}/${x.name}`).join(',')}|${quotas.map((q) => q.compiled.name).join(',')}|${hosts[0] ?? ''}`;
     const cached = this.#filterCache.get(key);
@@ -384,6 +451,10 @@ export class SecurityPlan {
     const filters: HttpFilter[] = [];
     if (p.jwt !== undefined) filters.push(p.jwt as unknown as HttpFilter);
     const authz = routeLevel.length === 0 ? p.gatewayAuthz : p.authzFor([...p.gatewayPolicies, ...routeLevel]);
+    // Never a route without the authorization it should have: a combination that does not compile
+    // fails the snapshot (buildSecurity checks every route it was given up front).
+    if (authz === undefined && (routeLevel.length > 0 || p.gatewayPolicies.length > 0))
+      throw new GatewayError(GatewayErrorCode.INVALID_CONFIG, `route ${route.name}: its AuthorizationPolicies do not compile together`);
     if (authz !== undefined && !authz.empty) filters.push(authzFilter(authz, this.#check, p.xffTrustedHops));
     if (quotas.length > 0) filters.push(quotaFilter(quotas, p.store, p.xffTrustedHops, hosts[0]));
     this.#filterCache.set(key, filters);
@@ -399,6 +470,57 @@ export class SecurityPlan {
   async close(): Promise<void> {
     await Promise.allSettled([...this.#p.adapters.values()].map((a) => a.close()));
   }
+}
+
+const HTTP_ONLY_SOURCE = ['requestPrincipals', 'notRequestPrincipals'] as const;
+const HTTP_ONLY_OPERATION = ['hosts', 'notHosts', 'methods', 'notMethods', 'paths', 'notPaths'] as const;
+const httpOnlyKey = (key: string): boolean => key.startsWith('request.');
+
+/**
+ * An AuthorizationPolicy as Istio applies it to TCP traffic, where HTTP attributes do not exist:
+ * an ALLOW (or AUDIT) rule that uses an HTTP-only field (requestPrincipals, hosts, methods, paths,
+ * a `request.*` condition) is dropped, so an ALLOW policy whose rules all need HTTP denies every
+ * connection; a DENY rule loses its HTTP-only fields, so it denies more, never less. CUSTOM policies
+ * do not apply to TCP (Istio's ext_authz covers TCP only with gRPC providers). Undefined: no effect.
+ */
+export function forTcp(p: AuthorizationPolicyResource): AuthorizationPolicyResource | undefined {
+  const action = p.spec.action ?? 'ALLOW';
+  if (action === 'CUSTOM') return undefined;
+  const rules = p.spec.rules ?? [];
+  const usesHttp = (rule: (typeof rules)[number]): boolean =>
+    (rule.from ?? []).some((f) => HTTP_ONLY_SOURCE.some((k) => f.source?.[k] !== undefined)) ||
+    (rule.to ?? []).some((t) => HTTP_ONLY_OPERATION.some((k) => t.operation?.[k] !== undefined)) ||
+    (rule.when ?? []).some((c) => httpOnlyKey(c.key));
+  let tcpRules: typeof rules;
+  if (action === 'DENY') {
+    tcpRules = rules.map((rule) => {
+      // An entry left with no field matches every connection, and so does the list it is in.
+      const from = rule.from?.map((f) => (f.source === undefined ? {} : omit(f.source, HTTP_ONLY_SOURCE)));
+      const to = rule.to?.map((t) => (t.operation === undefined ? {} : omit(t.operation, HTTP_ONLY_OPERATION)));
+      const when = rule.when?.filter((c) => !httpOnlyKey(c.key));
+      return {
+        ...(from === undefined || from.some(isEmpty) ? {} : { from: from.map((source) => ({ source })) }),
+        ...(to === undefined || to.some(isEmpty) ? {} : { to: to.map((operation) => ({ operation })) }),
+        ...(when === undefined || when.length === 0 ? {} : { when }),
+      };
+    });
+  } else tcpRules = rules.filter((rule) => !usesHttp(rule));
+  return { namespace: p.namespace, name: p.name, spec: { ...p.spec, rules: tcpRules } };
+}
+
+const isEmpty = (o: object): boolean => Object.keys(o).length === 0;
+
+function omit<T extends object>(o: T, keys: readonly string[]): T {
+  const out: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(o)) if (!keys.includes(k)) out[k] = v;
+  return out as T;
+}
+
+function routeLevelPolicies(
+  routePolicies: readonly { readonly policy: AuthorizationPolicyResource; readonly hosts: readonly string[] }[],
+  hosts: readonly string[],
+): AuthorizationPolicyResource[] {
+  return routePolicies.filter((rp) => rp.hosts.some((h) => hosts.includes(h))).map((rp) => rp.policy);
 }
 
 function authzFilter(authz: CompiledAuthorization, check: CustomCheck, hops: number): HttpFilter {

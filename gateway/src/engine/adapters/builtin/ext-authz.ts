@@ -1,7 +1,7 @@
 /**
  * `meshgate:ext-authz`: an HTTP authorization service, as Envoy's ext_authz filter calls one
  * (`http_service`; Istio's `envoyExtAuthzHttp` provider). For every request a CUSTOM policy matches,
- * a bodyless request with the original method, `<url path><pathPrefix><path>` and the allowed
+ * a bodyless request with the original method, `<url path><pathPrefix><path>?<query>` and the allowed
  * request headers goes to the service. Its answer:
  *
  * - 200: allow; headers listed in `allowedUpstreamHeaders` are set on the request sent upstream.
@@ -130,7 +130,13 @@ export function create(params: AdapterParams): AdapterInstance {
         const v = attrs.headers[name];
         if (v !== undefined) headers[name] = typeof v === 'string' ? v : v.join(', ');
       }
-      const res = await agent.request({ origin: c.origin, path: c.prefix + attrs.path, method: attrs.method, headers, signal: ctx.signal });
+      const res = await agent.request({
+        origin: c.origin,
+        path: attrs.query === undefined || attrs.query === '' ? c.prefix + attrs.path : `${c.prefix}${attrs.path}?${attrs.query}`,
+        method: attrs.method,
+        headers,
+        signal: ctx.signal,
+      });
       const status = res.statusCode;
       if (status >= 500) {
         await res.body.dump({ limit: MAX_DENY_BODY, signal: ctx.signal }).catch(() => undefined);

@@ -48,6 +48,7 @@ export function exchangeAttributes(x: Exchange, auth: RequestAuth | undefined, o
     method: x.method,
     authority: x.authority,
     path: x.path,
+    query: x.query,
     headers: x.headers,
     destinationPort: x.listener.config.port,
     destinationIp: socket?.localAddress,

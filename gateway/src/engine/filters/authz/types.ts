@@ -101,6 +101,8 @@ export interface AuthzAttributes {
   readonly authority: string;
   /** The normalized path without the query (Exchange.path, from normalizeRequestTarget). */
   readonly path: string;
+  /** The raw query without `?` ('' or absent when none). Policies never match it; adapters may read it. */
+  readonly query?: string | undefined;
   /** Request headers with lower-case names (Exchange.headers). */
   readonly headers: Readonly<Record<string, string | readonly string[] | undefined>>;
   /** The accepting listener's port (x.listener.config.port): `ports`, `destination.port`. */

@@ -105,6 +105,8 @@ export function jwtAuthnFilter(rules: readonly JwtRule[], deps: JwtDeps, opts: J
   // Output headers are cleared on every request: one that is also a token location would eat the token.
   if (clash !== undefined) throw new GatewayError(GatewayErrorCode.INVALID_CONFIG, `jwtRules: output header ${clash} is also a token header`);
   const paramNames = locations.flatMap((l) => (l.kind === 'param' ? [l.name] : []));
+  // Every rule forwards its token: a preflight's token header is left alone.
+  const forwardAll = outputs.every((o) => o.forward);
   const cookieNames = new Set(locations.flatMap((l) => (l.kind === 'cookie' ? [l.name] : [])));
 
   const replies = new Map<JwtFailure, LocalReply>();
@@ -145,8 +147,11 @@ export function jwtAuthnFilter(rules: readonly JwtRule[], deps: JwtDeps, opts: J
     }
     if (paramNames.length > 0 && x.query !== '') {
       let params: URLSearchParams | undefined;
+      // A percent-encoded name (`access%5Ftoken=`) is the same parameter to every upstream that
+      // decodes the query: only a query without `%` can be ruled out by a substring test.
+      const encoded = x.query.includes('%');
       for (const name of paramNames) {
-        if (!x.query.includes(`${name}=`)) continue;
+        if (!encoded && !x.query.includes(`${name}=`)) continue;
         params ??= new URLSearchParams(x.query);
         const loc = locKey.get(`param:${name}`) as number;
         for (const token of params.getAll(name)) found.push({ token, loc });
@@ -189,7 +194,12 @@ export function jwtAuthnFilter(rules: readonly JwtRule[], deps: JwtDeps, opts: J
       for (const name of outputHeaders) if (x.headers[name] !== undefined) x.headers[name] = undefined;
       // A CORS preflight carries no credentials (Fetch standard): it is not authenticated, as Envoy's
       // bypass_cors_preflight, which Istio turns on. Authorization still judges it.
-      if (x.method === 'OPTIONS' && x.headers.origin !== undefined && x.headers['access-control-request-method'] !== undefined) return undefined;
+      if (x.method === 'OPTIONS' && x.headers.origin !== undefined && x.headers['access-control-request-method'] !== undefined) {
+        // A real preflight carries no credentials: a token header on one was not judged, so it is
+        // not passed on either (the upstream must not take it for a verified one).
+        for (const name of headerNames) if (x.headers[name] !== undefined && !forwardAll) x.headers[name] = undefined;
+        return undefined;
+      }
       const found = extract(x);
       if (found.length === 0) return undefined;
       if (found.length > 1) return reply(x, 'jwt_authn_multiple_tokens');
