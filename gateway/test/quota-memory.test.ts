@@ -69,6 +69,27 @@ describe('MemoryQuotaStore FIXED_WINDOW', () => {
   });
 });
 
+describe('MemoryQuotaStore bounds', () => {
+  test('at maxCounters a new key is answered by the failure mode and counted; known keys keep counting; expired ones make room', () => {
+    let t = 5_000;
+    const s = new MemoryQuotaStore({ now: () => t, maxCounters: 3 });
+    for (const k of ['a', 'b', 'c']) assert.equal(s.acquire(k, 1, fixed(1)).allowed, true);
+    // Full: a fourth key is not stored. open admits uncounted, closed denies.
+    assert.equal(s.acquire('d', 1, fixed(1)).allowed, true);
+    assert.equal(s.acquire('d', 1, fixed(1)).allowed, true, 'open: never counted, so never limited');
+    assert.equal(s.acquire('e', 1, { ...fixed(1), failureMode: 'closed' }).allowed, false);
+    assert.equal(s.overflows, 3);
+    assert.equal(s.size, 3);
+    // Existing counters are still exact.
+    assert.equal(s.acquire('a', 1, fixed(1)).allowed, false);
+    // Next window: the old counters have expired, the sweep frees them, and new keys count again.
+    t += 1000;
+    assert.equal(s.acquire('d', 1, fixed(1)).allowed, true);
+    assert.equal(s.acquire('d', 1, fixed(1)).allowed, false);
+    assert.equal(s.overflows, 3);
+  });
+});
+
 describe('MemoryQuotaStore ROLLING_WINDOW', () => {
   test('never more than maxAmount within the last n buckets; tokens come back bucket by bucket', () => {
     const { s, clock } = store();

@@ -818,6 +818,18 @@ function http1Framing(req: IncomingMessage): LocalReply | undefined {
 function rewritePath(x: Exchange, r: RuntimeRoute): string {
   const rw = r.config.rewrite;
   if (rw === undefined) return x.pathWithQuery;
+  const out = rewrittenPath(x, r, rw);
+  // A prefix rewrite can join segments into new dot segments (`/public../x` with prefix /public →
+  // /static/ gives /static/../x): resolved here, so the upstream never gets a path that climbs out
+  // of what the route and the policies judged.
+  if (out.indexOf('/.') < 0 && out.indexOf('//') < 0) return out;
+  const t = normalizeRequestTarget(out, { escapedSlashes: 'keep', pathParameters: 'keep', doubleEncoding: 'keep' });
+  if (!t.ok) return out;
+  const q = out.indexOf('?');
+  return q < 0 ? t.path : `${t.path}?${t.query}`;
+}
+
+function rewrittenPath(x: Exchange, r: RuntimeRoute, rw: NonNullable<RuntimeRoute['config']['rewrite']>): string {
   const query = x.pathWithQuery.slice(x.path.length);
   if (rw.regex !== undefined) {
     rw.regex.re.lastIndex = 0;

@@ -8,7 +8,17 @@ export interface MemoryQuotaStoreOptions {
    * above this size). Default 10 000. Live counters are never dropped: the bound is soft.
    */
   readonly sweepAbove?: number;
+  /**
+   * Hard bound on counters (dimension values are client-chosen: one per `x-user` value, per path…).
+   * At the bound, after a sweep, a new counter is not created: the request is answered by the
+   * limit's failure mode (`open` admits uncounted, `closed` denies) and counted in `overflows`.
+   * Default 1 000 000 (about 200 MB).
+   */
+  readonly maxCounters?: number;
 }
+
+/** Entries a sweep looks at per call: the sweep resumes where it stopped, so no call stalls the loop. */
+const SWEEP_BUDGET = 20_000;
 
 interface FixedCounter {
   readonly kind: 'fixed';
@@ -39,11 +49,16 @@ export class MemoryQuotaStore implements QuotaStore {
   readonly #now: () => number;
   readonly #sweepAbove: number;
   readonly #counters = new Map<string, Counter>();
+  readonly #max: number;
   #lastSweep = 0;
+  #sweepAt: Iterator<[string, Counter]> | undefined;
+  /** Requests answered by their failure mode because the store was full. */
+  overflows = 0;
 
   constructor(options: MemoryQuotaStoreOptions = {}) {
     this.#now = options.now ?? Date.now;
     this.#sweepAbove = options.sweepAbove ?? 10_000;
+    this.#max = options.maxCounters ?? 1_000_000;
   }
 
   /** Number of counters held (tests, metrics). */
@@ -54,6 +69,13 @@ export class MemoryQuotaStore implements QuotaStore {
   acquire(counterKey: string, amount: number, limit: QuotaLimit): QuotaResult {
     const now = this.#now();
     if (this.#counters.size > this.#sweepAbove && now - this.#lastSweep >= 1000) this.#sweep(now);
+    if (this.#counters.size >= this.#max && !this.#counters.has(counterKey)) {
+      this.#sweep(now);
+      if (this.#counters.size >= this.#max) {
+        this.overflows++;
+        return limit.failureMode === 'closed' ? { allowed: false, remaining: 0, resetMs: 1000 } : { allowed: true, remaining: 0, resetMs: 0 };
+      }
+    }
     return limit.algorithm === 'FIXED_WINDOW' ? this.#fixed(counterKey, amount, limit, now) : this.#rolling(counterKey, amount, limit, now);
   }
 
@@ -114,9 +136,17 @@ export class MemoryQuotaStore implements QuotaStore {
     return Math.max(0, (c.head + 1) * c.bucketMs - now);
   }
 
+  /** Drops expired counters, at most SWEEP_BUDGET per call, resuming where the last call stopped. */
   #sweep(now: number): void {
     this.#lastSweep = now;
-    for (const [key, c] of this.#counters) {
+    this.#sweepAt ??= this.#counters.entries();
+    for (let i = 0; i < SWEEP_BUDGET; i++) {
+      const next = this.#sweepAt.next();
+      if (next.done === true) {
+        this.#sweepAt = undefined;
+        return;
+      }
+      const [key, c] = next.value;
       const expired = c.kind === 'fixed' ? Math.floor(now / c.windowMs) !== c.window : Math.floor(now / c.bucketMs) - c.head >= c.buckets.length;
       if (expired) this.#counters.delete(key);
     }

@@ -193,6 +193,8 @@ export interface RedisQuotaStoreOptions {
   readonly onError?: (err: Error) => void;
   /** Counters kept before idle ones are swept (at most once a second). Default 10 000. */
   readonly sweepAbove?: number;
+  /** Counters held locally at most (dimension values are client-chosen). Default 100 000. */
+  readonly maxCounters?: number;
   /** A lease unused this long is handed back to Redis in the background. ms, default 1000; 0: never. */
   readonly idleReturnMs?: number;
   /** An exhausted counter asks Redis again after this long (before its reset). ms, default 1000. */
@@ -248,6 +250,7 @@ export class RedisQuotaStore implements QuotaStore {
   readonly #onError: ((err: Error) => void) | undefined;
   readonly #sweepAbove: number;
   readonly #recheckMs: number;
+  readonly #maxCounters: number;
   readonly #idleMs: number;
   #idleTimer: NodeJS.Timeout | undefined;
   readonly #counters = new Map<string, Counter>();
@@ -272,11 +275,21 @@ export class RedisQuotaStore implements QuotaStore {
     this.#onError = options.onError;
     this.#sweepAbove = options.sweepAbove ?? 10_000;
     this.#recheckMs = options.exhaustedRecheckMs ?? 1000;
+    this.#maxCounters = options.maxCounters ?? 100_000;
     const idle = options.idleReturnMs ?? 1000;
     this.#idleMs = idle;
     if (idle > 0) {
       this.#idleTimer = setInterval(() => this.#returnIdle(), idle);
       this.#idleTimer.unref();
+    }
+  }
+
+  #evictOne(): void {
+    for (const [key, c] of this.#counters) {
+      if (!c.inflight && c.queue.length === 0) {
+        this.#counters.delete(key);
+        return;
+      }
     }
   }
 
@@ -308,6 +321,9 @@ export class RedisQuotaStore implements QuotaStore {
     if (this.#counters.size > this.#sweepAbove && now - this.#lastSweep >= 1000) this.#sweep(now);
     let c = this.#counters.get(counterKey);
     if (c === undefined) {
+      // Client-chosen dimension values must not grow the map without bound: past the cap the oldest
+      // idle counter goes (its leased tokens are lost to this window: under-admission, never over).
+      if (this.#counters.size >= this.#maxCounters) this.#evictOne();
       c = { tokens: 0, expiresAt: 0, window: 0, algorithm: limit.algorithm, left: 0, resetAt: 0, exhaustedUntil: 0, lastUsed: now, inflight: false, queue: [] };
       this.#counters.set(counterKey, c);
     }
