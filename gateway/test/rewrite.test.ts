@@ -14,6 +14,10 @@ spec:
     match: [{uri: {prefix: /api/}}]
     rewrite: {uri: /v2/}
     route: [{destination: {host: backend.svc}}]
+  - name: joining-rewrite
+    match: [{uri: {prefix: /public}}]
+    rewrite: {uri: /static/}
+    route: [{destination: {host: backend.svc}}]
   - name: authority-rewrite
     match: [{uri: {prefix: /auth-rw}}]
     rewrite: {authority: backend.internal}
@@ -78,6 +82,16 @@ describe('rewrite, redirect, directResponse and header mutations', () => {
     const r = await request(fx.port, { path: '/api/items/7?sort=asc&x=1', host: 'rw.test.local' });
     assert.equal(r.status, 200);
     assert.equal(last().url, '/v2/items/7?sort=asc&x=1');
+  });
+
+  test('a prefix rewrite that joins segments into a dot segment is refused (400): the upstream never resolves a path nobody judged', async () => {
+    const before = last();
+    const r = await request(fx.port, { path: '/public../secret?x=1', host: 'rw.test.local' });
+    assert.equal(r.status, 400);
+    assert.equal(last(), before);
+    const plain = await request(fx.port, { path: '/public/app.js', host: 'rw.test.local' });
+    assert.equal(plain.status, 200);
+    assert.equal(last().url, '/static//app.js');
   });
 
   test('rewrite.authority: the upstream sees the new Host', async () => {

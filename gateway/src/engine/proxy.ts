@@ -307,7 +307,9 @@ export class Engine {
     applyMutation(headers, dest.requestHeaders);
     applyMutation(headers, r.config.requestHeaders);
     const lb = cluster.config.lb;
-    return { dest, cluster, path: rewritePath(x, r), headers, hashKey: lb.kind === 'HASH' ? hashKeyOf(x, lb) : undefined };
+    const path = rewritePath(x, r);
+    if (path === undefined) return { status: 400, details: 'invalid_request', detailText: 'invalid_request_path{rewrite_dot_segment}' };
+    return { dest, cluster, path, headers, hashKey: lb.kind === 'HASH' ? hashKeyOf(x, lb) : undefined };
   }
 
   /** Sends a local reply (Envoy: sendLocalReply). Safe to call once per request. */
@@ -815,19 +817,18 @@ function http1Framing(req: IncomingMessage): LocalReply | undefined {
   return undefined;
 }
 
-function rewritePath(x: Exchange, r: RuntimeRoute): string {
+function rewritePath(x: Exchange, r: RuntimeRoute): string | undefined {
   const rw = r.config.rewrite;
   if (rw === undefined) return x.pathWithQuery;
   const out = rewrittenPath(x, r, rw);
   // A prefix rewrite can join segments into new dot segments (`/public../x` with prefix /public →
-  // /static/ gives /static/../x): resolved here, so the upstream never gets a path that climbs out
-  // of what the route and the policies judged.
-  if (out.indexOf('/.') < 0 && out.indexOf('//') < 0) return out;
-  const t = normalizeRequestTarget(out, { escapedSlashes: 'keep', pathParameters: 'keep', doubleEncoding: 'keep' });
-  if (!t.ok) return out;
-  const q = out.indexOf('?');
-  return q < 0 ? t.path : `${t.path}?${t.query}`;
+  // /static/ gives /static/../x): the upstream would resolve a path no route or policy judged, so
+  // the request is refused (undefined) instead.
+  return out.indexOf('/.') >= 0 && DOT_SEGMENT.test(out) ? undefined : out;
 }
+
+/** A `.` or `..` segment in a path (up to the query). */
+const DOT_SEGMENT = /^[^?]*\/\.\.?(?:\/|\?|$)/;
 
 function rewrittenPath(x: Exchange, r: RuntimeRoute, rw: NonNullable<RuntimeRoute['config']['rewrite']>): string {
   const query = x.pathWithQuery.slice(x.path.length);
