@@ -1,6 +1,8 @@
 // Side-by-side benchmark: direct upstream vs nginx reverse proxy vs meshgate,
-// in up to three scenarios: HTTP/1.1 (wrk), HTTP/2 h2c to the proxy with
-// HTTP/1.1 behind it (h2load), and gRPC unary over h2c end to end (h2load).
+// in up to four scenarios: HTTP/1.1 (wrk), HTTP/2 h2c to the proxy with
+// HTTP/1.1 behind it (h2load), gRPC unary over h2c end to end (h2load), and
+// the edge chain (wrk): one meshgate process, its plain route next to a route
+// behind JWT + authorization + a Redis-backed quota.
 //
 //   npm run bench                                   (repo root, defaults: --scenario http1)
 //   node_modules/.bin/node loadtest/src/bench.ts --scenario all --json out.json
@@ -24,6 +26,7 @@ import {
   GRPC_REQUEST,
   GRPC_UPSTREAM_SCRIPT,
   type MeshgateProtocols,
+  meshgateEdgePolicies,
   meshgatePolicies,
   NODE_UPSTREAM_SCRIPT,
   nginxGrpcProxyConf,
@@ -32,14 +35,17 @@ import {
   UPSTREAM_BODY,
 } from './configs.ts';
 import { busyFraction, type CpuSample, foreignCores, groupTicks, sampleCpu } from './cpu.ts';
+import { EDGE_AUDIENCE, EDGE_GROUP, EDGE_ISSUER, EDGE_PATH, edgeProbeCases, makeEdgeAuth } from './edge.ts';
 import { type H2loadResult, h2loadErrors, parseH2load, statusMismatch } from './h2load.ts';
 import { probeGrpc, probeH2Get } from './probe.ts';
 import { findExecutable, type Managed, runCaptured, Supervisor, tail } from './procs.ts';
+import { CommandCounter, redisCommand } from './redis.ts';
 import { errorCount, parseWrk, type WrkResult } from './wrk.ts';
 
-const TARGET_NAMES = ['direct', 'nginx', 'meshgate'] as const;
+/** `meshgate-edge` exists in the edge scenario only (the other scenarios ignore it in --targets). */
+const TARGET_NAMES = ['direct', 'nginx', 'meshgate', 'meshgate-edge'] as const;
 type TargetName = (typeof TARGET_NAMES)[number];
-const SCENARIO_NAMES = ['http1', 'h2', 'grpc'] as const;
+const SCENARIO_NAMES = ['http1', 'h2', 'grpc', 'edge'] as const;
 type ScenarioName = (typeof SCENARIO_NAMES)[number];
 
 interface Target {
@@ -51,8 +57,12 @@ interface Target {
   measured: Managed;
   /** True for nginx and meshgate: a proxy in front of the upstream. */
   proxied: boolean;
-  /** Null when a request through the target is answered correctly, else what was wrong (h2/grpc: before load). */
+  /** Null when a request through the target is answered correctly, else what was wrong (h2/grpc/edge: before and after load). */
   probe: (() => Promise<string | null>) | undefined;
+  /** Extra request headers for the load tool (wrk `-H`), e.g. the edge route's Authorization. */
+  headers?: string[];
+  /** Edge: the Redis whose commands are counted around each run of this target. */
+  redis?: CommandCounter;
 }
 
 /** The figures every load run yields, whatever the tool. */
@@ -84,6 +94,10 @@ type RunResult = (WrkResult | H2loadResult) &
     upstreamUsPerReq: number | null;
     /** Busy fraction (0..1) of the load CPU (upstream + load generator) during the run; null when not pinned. */
     loadCpuBusy: number | null;
+    /** Edge target: Redis commands executed during the run, per command (INFO/CONFIG of the bench left out); else null. */
+    redisCommands: Record<string, number> | null;
+    /** Edge target: those commands per 1000 completed requests; else null. */
+    redisCmdsPer1000: number | null;
   };
 
 interface Stats {
@@ -108,17 +122,20 @@ interface Stats {
 
 const USAGE = `usage: node loadtest/src/bench.ts [options]     (npm run bench: defaults)
 
-  --scenario S      http1 | h2 | grpc | all              (default http1)
+  --scenario S      http1 | h2 | grpc | edge | all       (default http1)
                       http1: HTTP/1.1 keep-alive, wrk
                       h2:    h2c to the proxy, HTTP/1.1 to the upstream, h2load
                       grpc:  gRPC unary, h2c on both sides, h2load
+                      edge:  HTTP/1.1, wrk: meshgate's plain route vs a route behind
+                             JWT (RS256) + AuthorizationPolicy + Quota in redis-server
   --duration N      seconds per measured run             (default 5, 1..60)
   --rounds N        alternating rounds over all targets  (default 3, 1..10)
-  --connections N   wrk connections (wrk uses 1 thread)  (default 50, 1..1000; http1)
+  --connections N   wrk connections (wrk uses 1 thread)  (default 50, 1..1000; http1, edge)
   --h2-clients N    h2load connections (1 thread)        (default 10, 1..1000; h2, grpc)
   --streams N       h2load concurrent streams per client (default 10, 1..100; h2, grpc)
   --warmup N        warm-up seconds per target           (default 2, 0..30)
-  --targets LIST    comma list of direct,nginx,meshgate  (default all)
+  --targets LIST    comma list of direct,nginx,meshgate,meshgate-edge (default all;
+                    meshgate-edge only exists in the edge scenario)
   --json PATH       also write the JSON result to PATH (relative to the cwd)
   --gateway-cli F   meshgate CLI to run (default gateway/src/cli.ts of this checkout)
   --access-log      proxies log every request to a file in the temp dir
@@ -212,9 +229,9 @@ async function freePort(): Promise<number> {
   throw new BenchError('could not find a free loopback port');
 }
 
-function httpGet(url: string, timeoutMs: number): Promise<{ status: number; body: string }> {
+function httpGet(url: string, timeoutMs: number, headers: Record<string, string> = {}): Promise<{ status: number; body: string }> {
   return new Promise((res, rej) => {
-    const req = request(url, { method: 'GET', agent: false, headers: { connection: 'close' } }, (resp) => {
+    const req = request(url, { method: 'GET', agent: false, headers: { ...headers, connection: 'close' } }, (resp) => {
       let body = '';
       resp.setEncoding('utf8');
       resp.on('data', (d: string) => {
@@ -271,6 +288,16 @@ function waitForHttp(m: Managed, url: string, timeoutMs: number, expectBody?: st
     if (r.status === 200 && (expectBody === undefined || r.body === expectBody)) return null;
     return `HTTP ${r.status} body ${JSON.stringify(r.body.slice(0, 200))}`;
   });
+}
+
+/** A GET that must answer `expectStatus` (and `expectBody`, if given): null when it does, else what it got. */
+function statusProbe(url: string, headers: Record<string, string>, expectStatus: number, expectBody?: string): () => Promise<string | null> {
+  return async () => {
+    const r = await httpGet(url, 1000, headers);
+    if (r.status !== expectStatus) return `HTTP ${r.status} ${JSON.stringify(r.body.slice(0, 120))}, expected ${expectStatus}`;
+    if (expectBody !== undefined && r.body !== expectBody) return `body ${JSON.stringify(r.body.slice(0, 120))}, expected ${JSON.stringify(expectBody)}`;
+    return null;
+  };
 }
 
 /** Fraction of all CPUs busy over `ms` (0..1): other work on the machine skews results. */
@@ -350,6 +377,12 @@ function releaseLock(): void {
   }
 }
 
+function sumValues(o: Record<string, number>): number {
+  let n = 0;
+  for (const v of Object.values(o)) n += v;
+  return n;
+}
+
 function fmt(n: number, digits: number): string {
   return Number.isFinite(n) ? n.toFixed(digits) : 'n/a';
 }
@@ -398,6 +431,7 @@ interface Ctx {
   wrk: string | undefined;
   h2load: string | undefined;
   nginx: string | undefined;
+  redisServer: string | undefined;
   gatewayCli: string;
   onProxyCpu: (cmd: string, args: string[]) => [string, string[]];
   onLoadCpu: (cmd: string, args: string[]) => [string, string[]];
@@ -414,7 +448,15 @@ const SCENARIO_TITLES: Record<ScenarioName, string> = {
   http1: 'GET / → 6-byte body, HTTP/1.1 keep-alive both sides',
   h2: 'GET / → 6-byte body, h2c (prior knowledge) client → proxy, HTTP/1.1 keep-alive proxy → upstream',
   grpc: `gRPC unary POST ${GRPC_PATH} (${GRPC_REQUEST.length}-byte message → ${GRPC_REPLY.length}-byte reply + grpc-status 0), h2c both sides`,
+  edge: `GET ${EDGE_PATH} + Bearer JWT through jwt_authn (RS256) → RBAC ALLOW → Redis quota, vs GET / on the same gateway's plain route; HTTP/1.1 keep-alive`,
 };
+
+/** The issue's target for the edge chain (informational: a MISS is printed, never fails the bench). */
+const EDGE_TARGET = {
+  minRpsRatio: 0.8,
+  maxRedisPer1000: 20,
+  text: "full chain keeps ≥ 0.8× the plain route's rps and uses ≤ 20 Redis commands per 1000 requests at steady state",
+} as const;
 
 /** Latency columns per tool: label and key in the tool's result (ms). */
 const LATENCY_COLS: Record<'wrk' | 'h2load', [string, 'p50Ms' | 'p99Ms' | 'meanMs' | 'sdMs' | 'maxMs'][]> = {
@@ -431,7 +473,7 @@ const LATENCY_COLS: Record<'wrk' | 'h2load', [string, 'p50Ms' | 'p99Ms' | 'meanM
 
 async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioReport> {
   const { sup, tmp, wanted, duration, rounds, warmup, connections, h2Clients, streams, accessLog, pin, loadCpu, clkTck, nginx } = ctx;
-  const tool: 'wrk' | 'h2load' = scenario === 'http1' ? 'wrk' : 'h2load';
+  const tool: 'wrk' | 'h2load' = scenario === 'http1' || scenario === 'edge' ? 'wrk' : 'h2load';
   const started: Managed[] = [];
   const start = (name: string, [cmd, args]: [string, string[]], logName: string, cwd?: string): Managed => {
     const m = sup.start(name, cmd, args, cwd === undefined ? { logPath: join(tmp, logName) } : { logPath: join(tmp, logName), cwd });
@@ -525,8 +567,14 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
     }
 
     // --- meshgate ----------------------------------------------------------
+    // edge: one process, two routes (plain `/` and the protected `/api/`), both targets; the Quota's
+    // counters live in a redis-server of the bench's own.
     let meshgate: Managed | undefined;
-    if (wanted.includes('meshgate')) {
+    const edgeWanted = scenario === 'edge' && wanted.includes('meshgate-edge');
+    /** Edge: the status matrix of the chain before load (name → 'ok' or what was wrong). */
+    const edgeChecks: Record<string, string> = {};
+    let edgeTokenBytes = 0;
+    if (wanted.includes('meshgate') || edgeWanted) {
       const gatewayPort = await freePort();
       const adminPort = await freePort();
       const metricsPort = await freePort();
@@ -538,7 +586,51 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
           : scenario === 'h2'
             ? { listener: 'HTTP2', upstream: 'HTTP' }
             : { listener: 'HTTP', upstream: 'HTTP' };
-      writeFileSync(join(policiesDir, 'bench.yaml'), meshgatePolicies(gatewayPort, upstreamPort, proto));
+      let quotaArgs: string[] = [];
+      let redis: Managed | undefined;
+      let counter: CommandCounter | undefined;
+      let edgeAuth: Awaited<ReturnType<typeof makeEdgeAuth>> | undefined;
+      if (scenario === 'edge') {
+        // On the load CPU with the upstream: it is the backend side (a few lease calls a second).
+        const redisPort = await freePort();
+        redis = start(
+          'redis-server',
+          ctx.onLoadCpu(ctx.redisServer as string, [
+            '--bind',
+            '127.0.0.1',
+            '--port',
+            String(redisPort),
+            '--protected-mode',
+            'yes',
+            '--save',
+            '',
+            '--appendonly',
+            'no',
+            '--dir',
+            tmp,
+            '--daemonize',
+            'no',
+            '--loglevel',
+            'warning',
+          ]),
+          'redis.out',
+        );
+        await waitFor(redis, `redis PING 127.0.0.1:${redisPort}`, 10_000, async () => {
+          const r = await redisCommand(redisPort, ['PING'], 1000);
+          return r === 'PONG' ? null : `answered ${JSON.stringify(r)}`;
+        });
+        counter = new CommandCounter(redisPort);
+        log(`redis-server listening on 127.0.0.1:${redisPort}`);
+        quotaArgs = ['--quota-store', 'redis', '--redis-url', `redis://127.0.0.1:${redisPort}`];
+        edgeAuth = await makeEdgeAuth();
+        edgeTokenBytes = edgeAuth.tokens.good.length;
+        writeFileSync(
+          join(policiesDir, 'bench.yaml'),
+          meshgateEdgePolicies(gatewayPort, upstreamPort, { jwks: edgeAuth.jwks, issuer: EDGE_ISSUER, audience: EDGE_AUDIENCE, group: EDGE_GROUP }),
+        );
+      } else {
+        writeFileSync(join(policiesDir, 'bench.yaml'), meshgatePolicies(gatewayPort, upstreamPort, proto));
+      }
       const args = [
         ctx.gatewayCli,
         'gateway',
@@ -552,22 +644,67 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
         String(metricsPort),
         '--access-log',
         accessLog ? meshgateAccessLog : 'off',
+        ...quotaArgs,
       ];
       meshgate = start('meshgate', ctx.onProxyCpu(process.execPath, args), `meshgate-${scenario}.out`, REPO_ROOT);
       const t0 = Date.now();
       await waitForHttp(meshgate, `http://127.0.0.1:${adminPort}/ready`, READY_TIMEOUT_MS);
-      log(`meshgate ready after ${((Date.now() - t0) / 1000).toFixed(1)} s (admin :${adminPort}; Gateway ${proto.listener}, ServiceEntry ${proto.upstream})`);
+      log(
+        `meshgate ready after ${((Date.now() - t0) / 1000).toFixed(1)} s (admin :${adminPort}; Gateway ${proto.listener}, ServiceEntry ${proto.upstream}${scenario === 'edge' ? '; quota store redis' : ''})`,
+      );
       // Ready must mean routable: the route has to answer with the upstream's body (gRPC: reply + grpc-status 0).
       await waitRouting(meshgate, gatewayPort, 5000);
       log(`meshgate routing ${proxyUrl(gatewayPort)} -> ${upstreamDesc.split(':')[0]} :${upstreamPort}`);
-      targets.push({
-        name: 'meshgate',
-        url: proxyUrl(gatewayPort),
-        procs: [upstream, meshgate],
-        measured: meshgate,
-        proxied: true,
-        probe: proxyProbe(gatewayPort),
-      });
+      const procs = redis === undefined ? [upstream, meshgate] : [upstream, meshgate, redis];
+      if (wanted.includes('meshgate')) {
+        targets.push({
+          name: 'meshgate',
+          url: proxyUrl(gatewayPort),
+          procs,
+          measured: meshgate,
+          proxied: true,
+          probe: scenario === 'edge' ? statusProbe(proxyUrl(gatewayPort), {}, 200, UPSTREAM_BODY) : proxyProbe(gatewayPort),
+        });
+      }
+      if (edgeAuth !== undefined && counter !== undefined) {
+        // Before any load: the chain must let the load token through and refuse the others, so the
+        // bench can never measure 401s/403s as if they were the route.
+        const origin = `http://127.0.0.1:${gatewayPort}`;
+        const bad: string[] = [];
+        for (const c of edgeProbeCases(edgeAuth.tokens, UPSTREAM_BODY)) {
+          const headers: Record<string, string> = c.authorization === undefined ? {} : { authorization: c.authorization };
+          let why: string | null;
+          try {
+            why = await statusProbe(`${origin}${c.path}`, headers, c.expectStatus, c.expectBody)();
+          } catch (err) {
+            why = (err as Error).message;
+          }
+          edgeChecks[c.name] = why ?? 'ok';
+          if (why !== null) bad.push(`  ${c.name}: GET ${c.path}${c.authorization === undefined ? ' (no token)' : ''} → ${why} [${c.why}]`);
+        }
+        if (bad.length > 0) {
+          const t = tail(meshgate.logPath);
+          throw new BenchError(
+            `edge chain probe failed before load: the protected route does not answer as the policies say, so its numbers would mean nothing:\n${bad.join('\n')}${t ? `\n--- last output of meshgate ---\n${t.trimEnd()}\n---` : ''}`,
+          );
+        }
+        log(
+          `edge chain ok: load token 200; bad signature, expired, wrong audience, garbage 401; no token, intruder, no group, other path 403 (${edgeTokenBytes}-byte token)`,
+        );
+        if (edgeWanted) {
+          const url = `${origin}${EDGE_PATH}`;
+          targets.push({
+            name: 'meshgate-edge',
+            url,
+            procs,
+            measured: meshgate,
+            proxied: true,
+            probe: statusProbe(url, { authorization: `Bearer ${edgeAuth.tokens.good}` }, 200, UPSTREAM_BODY),
+            headers: [`Authorization: Bearer ${edgeAuth.tokens.good}`],
+            redis: counter,
+          });
+        }
+      }
     }
 
     /** Probe every target once (h2, grpc), e.g. before and after load: null when all answer correctly. */
@@ -590,10 +727,15 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
     };
     const badBefore = await probeAll('beforeLoad');
     if (badBefore.length > 0) throw new BenchError(`probe before load failed (${scenario}): ${badBefore.join('; ')}`);
-    if (scenario !== 'http1' && targets.length > 0) {
-      log(
-        `probe ok via ${targets.map((t) => t.name).join(', ')}: ${scenario === 'grpc' ? 'HTTP/2 200, application/grpc, expected reply, grpc-status 0' : 'h2c 200 with the upstream body'}`,
-      );
+    const probed = targets.filter((t) => t.probe !== undefined);
+    if (scenario !== 'http1' && probed.length > 0) {
+      const what =
+        scenario === 'grpc'
+          ? 'HTTP/2 200, application/grpc, expected reply, grpc-status 0'
+          : scenario === 'h2'
+            ? 'h2c 200 with the upstream body'
+            : 'HTTP/1.1 200 with the upstream body (meshgate-edge: with the load token)';
+      log(`probe ok via ${probed.map((t) => t.name).join(', ')}: ${what}`);
     }
 
     // --- load --------------------------------------------------------------
@@ -603,7 +745,10 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
       writeFileSync(dataFile, GRPC_REQUEST);
     }
     const loadArgs = (t: Target, seconds: number): [string, string[]] => {
-      if (tool === 'wrk') return ctx.onLoadCpu(ctx.wrk as string, ['-t1', `-c${connections}`, `-d${seconds}s`, '--timeout', '5s', '--latency', t.url]);
+      if (tool === 'wrk') {
+        const headerArgs = (t.headers ?? []).flatMap((h) => ['-H', h]);
+        return ctx.onLoadCpu(ctx.wrk as string, ['-t1', `-c${connections}`, `-d${seconds}s`, '--timeout', '5s', '--latency', ...headerArgs, t.url]);
+      }
       const grpcArgs = dataFile === undefined ? [] : ['-d', dataFile, '-H', 'content-type: application/grpc', '-H', 'te: trailers'];
       return ctx.onLoadCpu(ctx.h2load as string, [
         '-t',
@@ -622,7 +767,7 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
     };
     const toolCmd =
       tool === 'wrk'
-        ? `wrk -t1 -c${connections} -d${duration}s --timeout 5s --latency`
+        ? `wrk -t1 -c${connections} -d${duration}s --timeout 5s --latency${scenario === 'edge' ? ` (meshgate-edge: -H 'Authorization: Bearer <${edgeTokenBytes}-byte RS256 JWT>' ${EDGE_PATH})` : ''}`
         : `h2load -t1 -c${h2Clients} -m${streams} -D${duration} -N5s${scenario === 'grpc' ? ` -d <${GRPC_REQUEST.length}-byte message> -H 'content-type: application/grpc' -H 'te: trailers'` : ''}`;
     const ncpu = cpus().length || 1;
     /** Requests completed per target, warm-up included (to compare with access-log lines). */
@@ -645,6 +790,16 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
       const measuredPgid = t.measured.child.pid ?? -1;
       const upstreamPgid = upstream.child.pid ?? -1;
       const groups = new Set([measuredPgid, upstreamPgid]);
+      // Edge: count Redis commands over exactly this run (nothing else talks to that Redis meanwhile).
+      const redisStep = async <T>(what: string, f: () => Promise<T>): Promise<T> => {
+        try {
+          return await f();
+        } catch (err) {
+          throw new BenchError(`redis ${what} around ${label} of ${t.name} failed: ${(err as Error).message}`);
+        }
+      };
+      const counter = t.redis;
+      if (counter !== undefined) await redisStep('CONFIG RESETSTAT', () => counter.reset());
       const ticksBefore = groupTicks(groups);
       let captured: Awaited<ReturnType<typeof runCaptured>>;
       try {
@@ -652,6 +807,7 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
       } finally {
         for (const tm of timers) clearTimeout(tm);
       }
+      const redisCommands = counter === undefined ? null : Object.fromEntries(await redisStep('INFO commandstats', () => counter.read()));
       const { stdout, stderr, exit } = captured;
       if (exit.code !== 0) {
         throw new BenchError(`${tool} against ${t.name} failed (${exit.code ?? exit.signal}):\n${stderr}${stdout.slice(-4000)}`);
@@ -687,14 +843,17 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
         cpuCores: measuredS === null || figures.elapsedS <= 0 ? null : measuredS / figures.elapsedS,
         upstreamUsPerReq: t.proxied ? perReqUs(usedS(upstreamPgid)) : null,
         loadCpuBusy: before && after ? busyFraction(before.cpu, after.cpu) : null,
+        redisCommands,
+        redisCmdsPer1000: redisCommands === null ? null : (sumValues(redisCommands) * 1000) / figures.requests,
       };
       const other = r.foreignCores === null ? '' : `  other procs ${r.foreignCores.toFixed(2)} cores${r.foreignCores > DISTURBED_CORES ? ' (DISTURBED)' : ''}`;
       const load = r.loadCpuBusy === null ? '' : `  load CPU ${(r.loadCpuBusy * 100).toFixed(0)}%`;
+      const redisNote = r.redisCommands === null ? '' : `  redis ${sumValues(r.redisCommands)} cmds (${fmt(r.redisCmdsPer1000 ?? Number.NaN, 2)}/1000 req)`;
       const lat = LATENCY_COLS[tool]
         .map(([label, key]) => `${label.replace(' ms', '')} ${fmt((r as unknown as Record<string, number>)[key] ?? Number.NaN, 3)} ms`)
         .join('  ');
       log(
-        `${scenario} ${label} ${pad(t.name, 8)} ${fmt(r.rps, 0).padStart(7)} rps  ${lat}  ${fmt(r.cpuUsPerReq ?? Number.NaN, 2)} CPU µs/req (${fmt(r.cpuCores ?? Number.NaN, 2)} cores)${load}${other}${r.errors ? `  ERRORS ${r.errors} (${errorDetail(r)})` : ''}`,
+        `${scenario} ${label} ${pad(t.name, 13)} ${fmt(r.rps, 0).padStart(7)} rps  ${lat}  ${fmt(r.cpuUsPerReq ?? Number.NaN, 2)} CPU µs/req (${fmt(r.cpuCores ?? Number.NaN, 2)} cores)${load}${other}${redisNote}${r.errors ? `  ERRORS ${r.errors} (${errorDetail(r)})` : ''}`,
       );
       sent.set(t.name, (sent.get(t.name) ?? 0) + r.requests);
       return r;
@@ -754,7 +913,7 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
       const y = stats.get(b)?.cpuUsPerReq;
       return x !== undefined && y !== undefined && Number.isFinite(x) && Number.isFinite(y) && y > 0 ? x / y : null;
     };
-    const ratios = {
+    const ratios: Record<string, number | null> = {
       'meshgate/nginx': ratio('meshgate', 'nginx'),
       'meshgate/direct': ratio('meshgate', 'direct'),
       'nginx/direct': ratio('nginx', 'direct'),
@@ -763,9 +922,105 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
       /** meshgate's CPU µs/req over nginx's: how many times more CPU meshgate spends per request. */
       'meshgate/nginx cpuPerRequest': cpuRatio('meshgate', 'nginx'),
     };
+    // --- edge: the chain against the plain route of the same process ---------------------------
+    const edgeLines: string[] = [];
+    let edgeJson: Record<string, unknown> | null = null;
+    let edgeInvalid: string | undefined;
+    if (scenario === 'edge') {
+      ratios['meshgate-edge/meshgate'] = ratio('meshgate-edge', 'meshgate');
+      ratios['meshgate-edge/meshgate cpuPerRequest'] = cpuRatio('meshgate-edge', 'meshgate');
+      const rpsRatio = ratios['meshgate-edge/meshgate'] ?? null;
+      const cpuR = ratios['meshgate-edge/meshgate cpuPerRequest'] ?? null;
+      const plainS = stats.get('meshgate');
+      const edgeS = stats.get('meshgate-edge');
+      const edgeRuns = results.get('meshgate-edge') ?? [];
+      const byCommand: Record<string, number> = {};
+      let commands = 0;
+      let requests = 0;
+      for (const r of edgeRuns) {
+        requests += r.requests;
+        for (const [k, v] of Object.entries(r.redisCommands ?? {})) {
+          byCommand[k] = (byCommand[k] ?? 0) + v;
+          commands += v;
+        }
+      }
+      const perThousand = requests > 0 ? (commands * 1000) / requests : null;
+      const perRun = edgeRuns.map((r) => r.redisCmdsPer1000);
+      if (edgeRuns.length > 0 && (byCommand.evalsha ?? 0) + (byCommand.eval ?? 0) === 0) {
+        edgeInvalid =
+          'the quota made no lease call (EVALSHA/EVAL) to Redis during the meshgate-edge runs: the Redis store was not in use (see the meshgate output), so the Redis figures mean nothing';
+      }
+      const rpsPass = rpsRatio === null ? null : rpsRatio >= EDGE_TARGET.minRpsRatio;
+      const redisPass = perThousand === null || edgeInvalid !== undefined ? null : perThousand <= EDGE_TARGET.maxRedisPer1000;
+      const pass = rpsPass === null || redisPass === null || edgeInvalid !== undefined ? null : rpsPass && redisPass;
+      const word = (b: boolean | null): string => (b === null ? 'n/a' : b ? 'PASS' : 'MISS');
+      // A verdict from disturbed runs is not one: say so next to it.
+      const disturbedRuns = (plainS?.disturbed ?? 0) + (edgeS?.disturbed ?? 0);
+      const plainUs = plainS?.cpuUsPerReq ?? Number.NaN;
+      const edgeUs = edgeS?.cpuUsPerReq ?? Number.NaN;
+      const chainUs = edgeUs - plainUs;
+      const cmdList = Object.entries(byCommand)
+        .sort((a, b) => b[1] - a[1])
+        .map(([k, v]) => `${k} ${v}`)
+        .join(', ');
+      edgeLines.push(
+        'edge chain vs plain route (one meshgate process, same rounds; the edge route adds jwt_authn RS256 (token cache) → RBAC ALLOW (2 rules) → quota per sub in Redis):',
+      );
+      edgeLines.push(
+        `${pad('  meshgate-edge/meshgate rps', 36)}${rpsRatio === null ? 'n/a  (needs meshgate and meshgate-edge in --targets)' : `${rpsRatio.toFixed(3)}  (edge ${fmt(edgeS?.rps ?? Number.NaN, 0)} rps vs plain ${fmt(plainS?.rps ?? Number.NaN, 0)} rps)`}`,
+      );
+      edgeLines.push(
+        `${pad('  meshgate-edge/meshgate CPU/req', 36)}${cpuR === null ? 'n/a' : `${cpuR.toFixed(3)}  (edge ${fmt(edgeUs, 2)} vs plain ${fmt(plainUs, 2)} CPU µs/req: the chain adds ${fmt(chainUs, 2)} µs/req; by CPU alone the edge route would keep ${(1 / cpuR).toFixed(3)}× the plain rps)`}`,
+      );
+      edgeLines.push(
+        `${pad('  Redis commands / 1000 requests', 36)}${perThousand === null ? 'n/a  (meshgate-edge not run)' : `${perThousand.toFixed(2)}  (${commands} commands for ${requests} meshgate-edge requests in ${edgeRuns.length} measured runs; per run ${perRun.map((v) => fmt(v ?? Number.NaN, 2)).join(', ')}; ${cmdList || 'none'})`}`,
+      );
+      edgeLines.push(
+        '  (Redis: CONFIG RESETSTAT before and INFO commandstats after each meshgate-edge run; commands run inside the lease script count, the bench’s INFO/CONFIG do not)',
+      );
+      edgeLines.push(`  target (issue): ${EDGE_TARGET.text}`);
+      edgeLines.push(
+        `    rps ratio ${rpsRatio === null ? 'n/a' : rpsRatio.toFixed(3)} ≥ ${EDGE_TARGET.minRpsRatio}: ${word(rpsPass)} · Redis ${perThousand === null ? 'n/a' : perThousand.toFixed(2)} ≤ ${EDGE_TARGET.maxRedisPer1000} per 1000: ${word(redisPass)} → ${word(pass)}` +
+          ' (informational: a MISS does not change the exit status)',
+      );
+      if (disturbedRuns > 0) {
+        edgeLines.push(
+          `    unreliable: ${disturbedRuns} of the meshgate/meshgate-edge runs were disturbed by other processes (see "disturbed:" below); rerun on a quiet machine before reading the verdict`,
+        );
+      }
+      edgeJson = {
+        path: EDGE_PATH,
+        tokenBytes: edgeTokenBytes,
+        chain: [
+          'jwt_authn: RS256, inline JWKS, audience',
+          'rbac: ALLOW, 2 rules (requestPrincipals + methods + paths + when groups; admin principal)',
+          'quota: per request.auth.claims["sub"], 1e9 per 1s, Redis',
+        ],
+        plainRps: plainS?.rps ?? null,
+        edgeRps: edgeS?.rps ?? null,
+        rpsRatio,
+        plainCpuUsPerReq: Number.isFinite(plainUs) ? plainUs : null,
+        edgeCpuUsPerReq: Number.isFinite(edgeUs) ? edgeUs : null,
+        cpuRatio: cpuR,
+        chainCpuUsPerReq: Number.isFinite(chainUs) ? chainUs : null,
+        redis: { commands, requests, perThousand, perRun, byCommand },
+        target: {
+          text: EDGE_TARGET.text,
+          minRpsRatio: EDGE_TARGET.minRpsRatio,
+          maxRedisPer1000: EDGE_TARGET.maxRedisPer1000,
+          rpsPass,
+          redisPass,
+          pass,
+          result: word(pass),
+          disturbedRuns,
+        },
+        probesBeforeLoad: edgeChecks,
+        invalid: edgeInvalid ?? null,
+      };
+    }
     const totalErrors = [...stats.values()].reduce((a, s) => a + s.errors, 0);
     const totalWarmupErrors = Object.values(warmupErrors).reduce((a, n) => a + n, 0);
-    const valid = totalErrors === 0 && badAfter.length === 0;
+    const valid = totalErrors === 0 && badAfter.length === 0 && edgeInvalid === undefined;
 
     const out: string[] = [];
     out.push('');
@@ -777,7 +1032,8 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
     out.push('');
     const loadCol = `CPU ${pin ? loadCpu : '?'} busy`;
     const latCols = LATENCY_COLS[tool];
-    const header = `${pad('target', 10)}${pad('rps', 10, true)}${latCols.map(([label]) => pad(label, 10, true)).join('')}${pad('rps min..max', 20, true)}${pad('errors', 9, true)}${pad('CPU µs/req', 13, true)}${pad('CPU cores', 11, true)}${pad(loadCol, 13, true)}`;
+    const nameW = scenario === 'edge' ? 15 : 10;
+    const header = `${pad('target', nameW)}${pad('rps', 10, true)}${latCols.map(([label]) => pad(label, 10, true)).join('')}${pad('rps min..max', 20, true)}${pad('errors', 9, true)}${pad('CPU µs/req', 13, true)}${pad('CPU cores', 11, true)}${pad(loadCol, 13, true)}`;
     out.push(header);
     out.push('-'.repeat(header.length));
     const pct = (v: number): string => (Number.isFinite(v) ? `${(v * 100).toFixed(0)}%` : 'n/a');
@@ -785,7 +1041,7 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
       const s = stats.get(t.name);
       if (!s) continue;
       out.push(
-        `${pad(t.name, 10)}${pad(fmt(s.rps, 0), 10, true)}${latCols.map(([, key]) => pad(fmt(s.latency[key] ?? Number.NaN, 3), 10, true)).join('')}${pad(`${fmt(s.rpsMin, 0)}..${fmt(s.rpsMax, 0)}`, 20, true)}${pad(String(s.errors), 9, true)}${pad(fmt(s.cpuUsPerReq, 2), 13, true)}${pad(fmt(s.cpuCores, 2), 11, true)}${pad(pct(s.loadCpuBusy), 13, true)}`,
+        `${pad(t.name, nameW)}${pad(fmt(s.rps, 0), 10, true)}${latCols.map(([, key]) => pad(fmt(s.latency[key] ?? Number.NaN, 3), 10, true)).join('')}${pad(`${fmt(s.rpsMin, 0)}..${fmt(s.rpsMax, 0)}`, 20, true)}${pad(String(s.errors), 9, true)}${pad(fmt(s.cpuUsPerReq, 2), 13, true)}${pad(fmt(s.cpuCores, 2), 11, true)}${pad(pct(s.loadCpuBusy), 13, true)}`,
       );
     }
     out.push('');
@@ -793,7 +1049,9 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
       out.push('latency: h2load\'s per-request "time for request" (mean, sd, max; h2load gives no percentiles), median over the rounds.');
     }
     out.push('CPU µs/req, CPU cores: utime+stime from /proc of the process under test per completed request / per second:');
-    out.push(`  nginx = proxy master+worker, meshgate = the node process (all threads), direct = the upstream itself.`);
+    out.push(
+      `  nginx = proxy master+worker, meshgate${scenario === 'edge' ? ' and meshgate-edge = the same' : ' ='} node process (all threads), direct = the upstream itself.`,
+    );
     out.push(
       pin
         ? `  direct = what CPU ${loadCpu} (upstream + ${tool} together) can drive: a ceiling of the load side, not of a proxy.`
@@ -802,24 +1060,27 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
     const upUs = [...proxiedNames].map((n) => `${n} ${fmt(stats.get(n)?.upstreamUsPerReq ?? Number.NaN, 2)}`).join(', ');
     if (upUs !== '') out.push(`  upstream CPU µs/req during the proxied runs: ${upUs}`);
     out.push('');
-    const showRatio = (k: keyof typeof ratios, why: string): void => {
-      const v = ratios[k];
+    const showRatio = (k: string, why: string): void => {
+      const v = ratios[k] ?? null;
       out.push(`${pad(`${k} rps`, 24)}${v === null ? 'n/a' : v.toFixed(3)}${v === null ? `  (${why})` : ''}`);
     };
     const noNginx = nginx === undefined ? 'nginx not installed: apt-get install -y nginx-light' : 'nginx not in --targets';
     showRatio('meshgate/nginx', wanted.includes('meshgate') ? noNginx : 'meshgate not in --targets');
     showRatio('meshgate/direct', 'needs meshgate and direct');
     showRatio('nginx/direct', noNginx);
-    const eff = ratios['nginx/meshgate cpuPerRequest'];
-    const more = ratios['meshgate/nginx cpuPerRequest'];
+    const eff = ratios['nginx/meshgate cpuPerRequest'] ?? null;
+    const more = ratios['meshgate/nginx cpuPerRequest'] ?? null;
     out.push(
       `${pad('nginx/meshgate CPU/req', 24)}${eff === null || more === null ? 'n/a  (needs nginx and meshgate)' : `${eff.toFixed(3)}  (meshgate spends ${more.toFixed(2)}× nginx's CPU per request)`}`,
     );
     out.push('');
+    if (edgeLines.length > 0) out.push(...edgeLines, '');
     const validWhat =
-      tool === 'wrk'
-        ? 'no socket errors and no non-2xx/3xx responses'
-        : `2xx = requests done, no 3xx/4xx/5xx, no failed/errored/timed-out requests${scenario === 'grpc' ? ', grpc-status 0 on the probe calls before and after load' : ''}`;
+      scenario === 'edge'
+        ? 'no socket errors and no non-2xx/3xx responses (a 401/403/429 from the chain counts), 200 on the probes after load, quota lease calls seen in Redis'
+        : tool === 'wrk'
+          ? 'no socket errors and no non-2xx/3xx responses'
+          : `2xx = requests done, no 3xx/4xx/5xx, no failed/errored/timed-out requests${scenario === 'grpc' ? ', grpc-status 0 on the probe calls before and after load' : ''}`;
     if (valid) {
       out.push(`valid: ${validWhat} in ${rounds * targets.length} measured runs`);
     } else {
@@ -828,6 +1089,7 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
         if (s.errors > 0) out.push(`  ${name}: ${s.errors} errors in ${s.requests} requests (${s.rounds.map((x) => errorDetail(x)).join('; ')})`);
       }
       for (const b of badAfter) out.push(`  probe after load: ${b}`);
+      if (edgeInvalid !== undefined) out.push(`  ${edgeInvalid}`);
     }
     if (totalWarmupErrors > 0) out.push(`warning: ${totalWarmupErrors} errors during warm-up`);
     const noisy: string[] = [];
@@ -874,12 +1136,14 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
           return null;
         }
       };
-      const files: [TargetName, string][] = [
-        ['nginx', nginxAccessLog],
-        ['meshgate', meshgateAccessLog],
+      const files: [string, string, TargetName[]][] = [
+        ['nginx', nginxAccessLog, ['nginx']],
+        // edge: one meshgate process serves both routes, into one file.
+        [scenario === 'edge' ? 'meshgate (both routes)' : 'meshgate', meshgateAccessLog, ['meshgate', 'meshgate-edge']],
       ];
-      for (const [name, path] of files) {
-        if (proxiedNames.has(name)) accessLogLines[name] = { lines: countLines(path), requests: sent.get(name) ?? 0 };
+      for (const [label, path, names] of files) {
+        const ran = names.filter((n) => proxiedNames.has(n));
+        if (ran.length > 0) accessLogLines[label] = { lines: countLines(path), requests: ran.reduce((a, n) => a + (sent.get(n) ?? 0), 0) };
       }
       const desc = Object.entries(accessLogLines)
         .map(([name, a]) => `${name} ${a.lines ?? 'no file'} lines for ${a.requests} requests`)
@@ -928,6 +1192,7 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
       ),
       ratios,
       probes: scenario === 'http1' ? null : probes,
+      edge: edgeJson,
       warmupErrors,
       accessLogLines: accessLog ? accessLogLines : null,
       noisy,
@@ -994,17 +1259,24 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
   if (wanted.length === 0) throw new BenchError('--targets: empty');
 
   // --- tools -------------------------------------------------------------
-  const needWrk = scenarios.includes('http1');
-  const needH2load = scenarios.some((s) => s !== 'http1');
+  const isH2load = (s: ScenarioName): boolean => s === 'h2' || s === 'grpc';
+  const needWrk = scenarios.some((s) => !isH2load(s));
+  const needH2load = scenarios.some(isH2load);
   const wrk = needWrk ? findExecutable('wrk', ['/usr/bin/wrk', '/usr/local/bin/wrk']) : undefined;
   if (needWrk && wrk === undefined) {
-    throw new BenchError('wrk not found. Install it with:\n  apt-get install -y wrk');
+    throw new BenchError(`wrk not found (needed by --scenario ${scenarios.filter((s) => !isH2load(s)).join(',')}). Install it with:\n  apt-get install -y wrk`);
   }
   const h2load = needH2load ? findExecutable('h2load', ['/usr/bin/h2load', '/usr/local/bin/h2load']) : undefined;
   if (needH2load && h2load === undefined) {
     throw new BenchError(
-      `h2load not found (needed by --scenario ${scenarios.filter((s) => s !== 'http1').join(',')}). Install it with:\n  apt-get install -y nghttp2-client`,
+      `h2load not found (needed by --scenario ${scenarios.filter(isH2load).join(',')}). Install it with:\n  apt-get install -y nghttp2-client`,
     );
+  }
+  // The edge scenario's Quota counts in a redis-server the bench starts (when meshgate runs at all).
+  const needRedis = scenarios.includes('edge') && (wanted.includes('meshgate') || wanted.includes('meshgate-edge'));
+  const redisServer = needRedis ? findExecutable('redis-server', ['/usr/bin/redis-server', '/usr/local/bin/redis-server']) : undefined;
+  if (needRedis && redisServer === undefined) {
+    throw new BenchError('redis-server not found (needed by --scenario edge: the Quota store). Install it with:\n  apt-get install -y redis-server');
   }
   const nginx = findExecutable('nginx', ['/usr/sbin/nginx', '/usr/local/sbin/nginx', '/usr/local/nginx/sbin/nginx']);
   const taskset = findExecutable('taskset', ['/usr/bin/taskset']);
@@ -1037,7 +1309,7 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
     log('  install nginx with: apt-get install -y nginx-light');
   }
   const gatewayCli = resolve(values['gateway-cli']);
-  if (wanted.includes('meshgate') && !existsSync(gatewayCli)) {
+  if ((wanted.includes('meshgate') || wanted.includes('meshgate-edge')) && !existsSync(gatewayCli)) {
     throw new BenchError(`meshgate CLI not found at ${gatewayCli} (use --targets direct,nginx to skip it)`);
   }
 
@@ -1087,6 +1359,7 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
     wrk,
     h2load,
     nginx,
+    redisServer,
     gatewayCli,
     onProxyCpu,
     onLoadCpu,

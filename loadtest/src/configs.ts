@@ -209,3 +209,106 @@ spec:
   endpoints: [{ address: 127.0.0.1, ports: { ${uname}: ${upstreamPort} } }]
 `;
 }
+
+/** What the edge scenario's policies need from the bench: the inline key set and the names it checks. */
+export interface EdgePolicyParams {
+  /** JWKS document (JSON text) for the RequestAuthentication's inline `jwks`. */
+  jwks: string;
+  issuer: string;
+  audience: string;
+  /** Claim value the ALLOW rule's `when` wants in `groups`. */
+  group: string;
+}
+
+/**
+ * The edge scenario's policy set: one meshgate process, one HTTP/1.1 listener, two routes to the
+ * same upstream, identical but for what protects them:
+ *  - `plain`: `GET /` exactly → ServiceEntry upstream.bench, nothing else (as in http1);
+ *  - `edge`: prefix `/api/` → ServiceEntry api.bench (the same upstream port), protected by the whole
+ *    chain: RequestAuthentication (RS256, inline JWKS, audience) → AuthorizationPolicy ALLOW attached
+ *    to the api ServiceEntry (a route-level policy: the plain route is not evaluated) with two rules
+ *    (principal prefix + methods + path + a `when` on the `groups` claim; an admin principal on all
+ *    of /api/) → Quota on route `edge` per `request.auth.claims["sub"]`, 1e9 per 1 s (never denies
+ *    in a run), counted in Redis (--quota-store redis).
+ * RequestAuthentication is workload-wide in Istio, so the plain route also passes jwt_authn, which
+ * finds no token there and returns at once. Everything is in istio-system, the gateway's namespace.
+ */
+export function meshgateEdgePolicies(gatewayPort: number, upstreamPort: number, p: EdgePolicyParams): string {
+  const se = (name: string, host: string) => `apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: { name: ${name}, namespace: istio-system }
+spec:
+  hosts: [${host}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{ number: 8000, name: http, protocol: HTTP }]
+  endpoints: [{ address: 127.0.0.1, ports: { http: ${upstreamPort} } }]
+`;
+  return `apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: { name: bench-gateway, namespace: istio-system }
+spec:
+  selector: { istio: ingressgateway }
+  servers:
+  - port: { number: ${gatewayPort}, name: http, protocol: HTTP }
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: bench, namespace: istio-system }
+spec:
+  hosts: ["*"]
+  gateways: [bench-gateway]
+  http:
+  - name: plain
+    match: [{ uri: { exact: / } }]
+    route:
+    - destination: { host: upstream.bench, port: { number: 8000 } }
+  - name: edge
+    match: [{ uri: { prefix: /api/ } }]
+    route:
+    - destination: { host: api.bench, port: { number: 8000 } }
+---
+${se('upstream', 'upstream.bench')}---
+${se('api', 'api.bench')}---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: { name: bench-jwt, namespace: istio-system }
+spec:
+  selector: { matchLabels: { istio: ingressgateway } }
+  jwtRules:
+  - issuer: ${JSON.stringify(p.issuer)}
+    audiences: [${JSON.stringify(p.audience)}]
+    jwks: ${JSON.stringify(p.jwks)}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: { name: bench-api, namespace: istio-system }
+spec:
+  targetRef: { group: networking.istio.io, kind: ServiceEntry, name: api }
+  action: ALLOW
+  rules:
+  - from:
+    - source: { requestPrincipals: [${JSON.stringify(`${p.issuer}/client-*`)}] }
+    to:
+    - operation: { methods: [GET, HEAD], paths: ["/api/v1/*"] }
+    when:
+    - key: request.auth.claims[groups]
+      values: [${JSON.stringify(p.group)}]
+  - from:
+    - source: { requestPrincipals: [${JSON.stringify(`${p.issuer}/admin`)}] }
+    to:
+    - operation: { paths: ["/api/*"] }
+---
+apiVersion: meshgate.io/v1alpha1
+kind: Quota
+metadata: { name: bench-per-subject, namespace: istio-system }
+spec:
+  selector: { matchLabels: { istio: ingressgateway } }
+  routes: [edge]
+  dimensions:
+    subject: 'request.auth.claims["sub"]'
+  maxAmount: 1000000000
+  validDuration: 1s
+`;
+}
