@@ -38,48 +38,11 @@ export interface SecurityOptions {
 
 export type SecurityBuild = { readonly ok: true; readonly plan: SecurityPlan } | { readonly ok: false; readonly diagnostics: readonly Diagnostic[] };
 
-// The spec shapes as the policies package validates them (durations already in ms).
-interface JwtRuleSpec {
-  readonly issuer: string;
-  readonly audiences?: readonly string[];
-  readonly jwksUri?: string;
-  readonly jwks?: string;
-  readonly fromHeaders?: readonly { readonly name: string; readonly prefix?: string }[];
-  readonly fromParams?: readonly string[];
-  readonly fromCookies?: readonly string[];
-  readonly outputPayloadToHeader?: string;
-  readonly outputClaimToHeaders?: readonly { readonly header: string; readonly claim: string }[];
-  readonly forwardOriginalToken?: boolean;
-  readonly timeout?: number;
-}
+/** What every scoped security resource carries: a selector, or targetRef(s). */
 interface ScopedSpec {
   readonly selector?: { readonly matchLabels?: Readonly<Record<string, string>> };
   readonly targetRef?: AuthzTargetRef;
   readonly targetRefs?: readonly AuthzTargetRef[];
-}
-interface RequestAuthenticationSpec extends ScopedSpec {
-  readonly jwtRules?: readonly JwtRuleSpec[];
-}
-interface QuotaSpec {
-  readonly selector?: { readonly matchLabels?: Readonly<Record<string, string>> };
-  readonly hosts?: readonly string[];
-  readonly routes?: readonly string[];
-  readonly dimensions?: Readonly<Record<string, string>>;
-  readonly maxAmount: number;
-  readonly validDuration: number;
-  readonly rateLimitAlgorithm?: 'FIXED_WINDOW' | 'ROLLING_WINDOW';
-  readonly bucketDuration?: number;
-  readonly overrides?: readonly { readonly dimensions: Readonly<Record<string, string>>; readonly maxAmount: number; readonly validDuration?: number }[];
-  readonly charge?: number;
-  readonly failureMode?: 'open' | 'closed';
-  readonly insuranceMaxAmount?: number;
-}
-interface AdapterSpec {
-  readonly selector?: { readonly matchLabels?: Readonly<Record<string, string>> };
-  readonly module: string;
-  readonly params?: Readonly<Record<string, unknown>>;
-  readonly timeout?: number;
-  readonly failureMode?: 'open' | 'closed';
 }
 
 const ADAPTER_TIMEOUT_MS = 200;
@@ -200,7 +163,7 @@ export async function buildSecurity(resources: readonly Resource[], opts: Securi
   const reportScope: string[] = [];
   for (const r of ofKind(resources, 'Adapter')) {
     if (r.namespace !== (w.rootNamespace ?? 'istio-system') && r.namespace !== w.namespace) continue;
-    const spec = r.spec as unknown as AdapterSpec;
+    const spec = (r as Resource<'Adapter'>).spec;
     const prev = adapterSources.get(r.name);
     if (prev !== undefined) {
       out.push(diag(r, ['metadata', 'name'], PolicyErrorCode.CONFLICT, `an Adapter named ${r.name} is already declared by ${prev.ref}`));
@@ -223,7 +186,7 @@ export async function buildSecurity(resources: readonly Resource[], opts: Securi
   for (const r of ofKind(resources, 'RequestAuthentication')) {
     const t = targetsOf(r, w, serviceEntries, false, out);
     if (t.byScope ? !applies(r, w) : !t.gateway) continue;
-    const spec = r.spec as unknown as RequestAuthenticationSpec;
+    const spec = (r as Resource<'RequestAuthentication'>).spec;
     (spec.jwtRules ?? []).forEach((rule, index) => {
       jwtRules.push({
         issuer: rule.issuer,
@@ -310,7 +273,7 @@ export async function buildSecurity(resources: readonly Resource[], opts: Securi
   const quotas: BoundQuota[] = [];
   for (const r of ofKind(resources, 'Quota')) {
     if (!applies(r, w)) continue;
-    const spec = r.spec as unknown as QuotaSpec;
+    const spec = (r as Resource<'Quota'>).spec;
     let bad = false;
     for (const [name, expr] of Object.entries(spec.dimensions ?? {})) {
       if (parseAttribute(expr) === undefined) {
@@ -332,15 +295,15 @@ export async function buildSecurity(resources: readonly Resource[], opts: Securi
         dimensions: spec.dimensions ?? {},
         maxAmount: spec.maxAmount,
         validDurationMs: spec.validDuration,
-        ...(spec.rateLimitAlgorithm === undefined ? {} : { rateLimitAlgorithm: spec.rateLimitAlgorithm }),
+        rateLimitAlgorithm: spec.rateLimitAlgorithm,
         ...(spec.bucketDuration === undefined ? {} : { bucketDurationMs: spec.bucketDuration }),
         overrides: (spec.overrides ?? []).map((o) => ({
           dimensions: o.dimensions,
           maxAmount: o.maxAmount,
           ...(o.validDuration === undefined ? {} : { validDurationMs: o.validDuration }),
         })),
-        ...(spec.charge === undefined ? {} : { charge: spec.charge }),
-        ...(spec.failureMode === undefined ? {} : { failureMode: spec.failureMode }),
+        charge: spec.charge,
+        failureMode: spec.failureMode,
         ...(spec.insuranceMaxAmount === undefined ? {} : { insuranceMaxAmount: spec.insuranceMaxAmount }),
       });
       quotas.push({
