@@ -98,7 +98,7 @@ export const ISS_REMOTE = 'https://remote.edge.test';
 // ---------------------------------------------------------------------------------------------------
 // Istio's sample key set and tokens (security/tools/jwt/samples), issuer testing@secure.istio.io
 
-const ISTIO_DIR = fileURLToPath(new URL('../../../shared/conformance/istio/', import.meta.url));
+const ISTIO_DIR = fileURLToPath(new URL('../../policies/test/conformance/istio/', import.meta.url));
 export const ISTIO_ISSUER = 'testing@secure.istio.io';
 export const istioSample = {
   jwks: (): string => readFileSync(`${ISTIO_DIR}jwks.json`, 'utf8'),

@@ -5,6 +5,7 @@ import { readFileSync } from 'node:fs';
 import { createServer, type IncomingHttpHeaders, type IncomingMessage } from 'node:http';
 import { type AddressInfo, connect } from 'node:net';
 import { after, before, describe, test } from 'node:test';
+import { fileURLToPath } from 'node:url';
 import { GatewayErrorCode } from '../src/engine/details.ts';
 import {
   authResultOf,
@@ -18,7 +19,7 @@ import {
 
 const ISS = 'https://issuer.test';
 const ISS2 = 'https://remote.test';
-const ISTIO = '/work/shared/conformance/istio';
+const ISTIO = fileURLToPath(new URL('../../policies/test/conformance/istio', import.meta.url));
 
 // ---------------------------------------------------------------------------------------------------
 // Keys made per run, and tokens built by hand so that every field can be wrong.

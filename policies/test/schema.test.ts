@@ -6,7 +6,7 @@ import { parseAllDocuments } from 'yaml';
 import { renderSchema, SCHEMA_PATH } from '../src/schema/generate.ts';
 
 const EXAMPLES = resolve(import.meta.dirname, '../examples');
-const CONFORMANCE = resolve(import.meta.dirname, '../../../shared/conformance/istio');
+const CONFORMANCE = resolve(import.meta.dirname, 'conformance/istio');
 
 type Schema = Record<string, unknown>;
 const schema = JSON.parse(readFileSync(SCHEMA_PATH, 'utf8')) as Schema;

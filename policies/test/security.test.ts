@@ -20,7 +20,7 @@ import {
 } from '../src/index.ts';
 
 const LABELS = { istio: 'ingressgateway' };
-const CONFORMANCE = resolve(import.meta.dirname, '../../../shared/conformance/istio');
+const CONFORMANCE = resolve(import.meta.dirname, 'conformance/istio');
 const JWKS = readFileSync(join(CONFORMANCE, 'jwks.json'), 'utf8').trim();
 
 const tmpDirs: string[] = [];

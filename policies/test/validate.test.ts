@@ -7,7 +7,7 @@ import { compile, type Diagnostic, formatDiagnostic, loadPolicies, loadPolicyTex
 
 const GATEWAY_LABELS = { istio: 'ingressgateway' };
 const EXAMPLES = resolve(import.meta.dirname, '../examples');
-const CONFORMANCE = resolve(import.meta.dirname, '../../../shared/conformance/istio');
+const CONFORMANCE = resolve(import.meta.dirname, 'conformance/istio');
 
 const tmpDirs: string[] = [];
 function tmp(files: Record<string, string>): string {
