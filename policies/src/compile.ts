@@ -3,9 +3,21 @@ import { existsSync, statSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { type Diagnostic, formatPath, PolicyErrorCode } from './errors.ts';
 import { hostCovers, hostIntersection, normalizeHost, qualifyHost } from './hosts.ts';
+import { isIpAddress } from './ip.ts';
 import type { LoadResult, Resource } from './load.ts';
 import { compileStringMatch, headerValue, type MatchInput, type StringMatcher } from './match.ts';
-import type { Destination, GatewayServer, HeaderOps, Headers, HttpMatch, HttpRoute, ServiceEntrySpec, TrafficPolicy } from './schema/networking.ts';
+import type {
+  ClientTlsSettings,
+  Destination,
+  GatewayServer,
+  HeaderOps,
+  Headers,
+  HttpMatch,
+  HttpRoute,
+  OutboundTrafficMode,
+  ServiceEntrySpec,
+  TrafficPolicy,
+} from './schema/networking.ts';
 
 // ---------------------------------------------------------------------------------------------------
 // The compiled form. Everything the data plane needs, computed once; frozen.
@@ -15,7 +27,19 @@ export interface CompileOptions {
   readonly gatewayLabels: Readonly<Record<string, string>>;
   /** Directory relative source paths are shown against; default process.cwd(). */
   readonly cwd?: string;
+  /**
+   * The egress gateway: one more listener, routing to the hosts of MESH_EXTERNAL ServiceEntries.
+   * Undefined (default): no egress listener, CompiledConfig.egress undefined.
+   */
+  readonly egress?: { readonly port: number; readonly bind?: string };
+  /** Istio's root namespace: where the mesh-wide default Sidecar lives. Default 'istio-system'. */
+  readonly rootNamespace?: string;
 }
+
+/** Default bind address of the egress listener: loopback (workloads on this host send through it). */
+export const DEFAULT_EGRESS_BIND = '127.0.0.1';
+/** Default root namespace (Istio's). */
+export const DEFAULT_ROOT_NAMESPACE = 'istio-system';
 
 export interface SourceRef {
   readonly file: string;
@@ -31,8 +55,39 @@ export interface CompiledConfig {
   readonly resources: readonly Resource[];
   readonly listeners: readonly CompiledListener[];
   readonly clusters: ReadonlyMap<string, CompiledCluster>;
+  /** The egress gateway's settings; undefined unless compiled with `egress` options. */
+  readonly egress: CompiledEgress | undefined;
   /** Warnings (errors make compile fail). */
   readonly diagnostics: readonly Diagnostic[];
+}
+
+export interface CompiledEgress {
+  /** The egress listener's name (`egress_<port>`). */
+  readonly listener: string;
+  /** REGISTRY_ONLY: only hosts of MESH_EXTERNAL ServiceEntries. ALLOW_ANY: any host. */
+  readonly mode: OutboundTrafficMode;
+  /** Where the mode comes from: `Sidecar/<ns>/<name>`, `MeshConfig/<ns>/<name>`, or `default`. */
+  readonly modeSource: string;
+  /**
+   * IPs and CIDR blocks the egress gateway may connect to although private (the SSRF guard's
+   * allowlist): MESH_EXTERNAL ServiceEntries' `addresses` and their IP-literal endpoint addresses.
+   */
+  readonly allowedAddresses: readonly string[];
+}
+
+/** DestinationRule trafficPolicy.tls (Istio ClientTLSSettings), compiled: TLS to the upstream. */
+export interface CompiledClientTls {
+  readonly mode: 'SIMPLE' | 'MUTUAL';
+  /** Absolute path of the CA bundle; undefined = the system roots. */
+  readonly caFile: string | undefined;
+  /** MUTUAL: absolute paths of the client certificate chain and its key. */
+  readonly certFile: string | undefined;
+  readonly keyFile: string | undefined;
+  /** SNI to send; undefined = the request's host. */
+  readonly sni: string | undefined;
+  /** Names the upstream certificate must carry (any one); empty = checked against the SNI. */
+  readonly subjectAltNames: readonly string[];
+  readonly insecureSkipVerify: boolean;
 }
 
 export interface CompiledTls {
@@ -46,8 +101,10 @@ export interface CompiledTls {
 }
 
 export interface CompiledListener {
-  /** Stable name: `bind_port` (Envoy's naming), or `port_N` for servers bound to the gateway's --bind-address. */
+  /** Stable name: `bind_port` (Envoy's naming), or `port_N` for servers bound to the gateway's --bind-address; `egress_N` for the egress listener. */
   readonly name: string;
+  /** 'ingress': from Gateway servers. 'egress': the egress gateway's listener (CompileOptions.egress). */
+  readonly role: 'ingress' | 'egress';
   readonly port: number;
   /** From Gateway server `bind`; undefined = the gateway's --bind-address. */
   readonly bind: string | undefined;
@@ -230,6 +287,13 @@ export interface CompiledCluster {
   readonly pool: PoolSettings;
   /** Passive health checking (DestinationRule outlierDetection); undefined = off. */
   readonly outlier: OutlierSettings | undefined;
+  /** TLS origination (DestinationRule trafficPolicy.tls); undefined = plain connections. */
+  readonly tls: CompiledClientTls | undefined;
+  /**
+   * The host is a wildcard (`*.suffix` or `*`) with no declared endpoints: the upstream is the
+   * request's own host, resolved at request time. False elsewhere.
+   */
+  readonly dynamicHost: boolean;
 }
 
 /** Outcome of compile: a config, or every error found. Warnings ride along in both. */
@@ -257,16 +321,32 @@ export function compile(load: LoadResult, opts: CompileOptions): CompileResult {
   if (diagnostics.some((d) => d.severity === 'error')) return { ok: false, diagnostics };
   const c = new Compiler(load.resources, opts, diagnostics);
   c.adapters();
+  c.meshPolicies();
   const listeners = c.listeners();
+  let egress: CompiledEgress | undefined;
+  if (opts.egress !== undefined) {
+    const e = c.egress(opts.egress);
+    listeners.push(e.listener);
+    egress = e.egress;
+  }
   if (diagnostics.some((d) => d.severity === 'error')) return { ok: false, diagnostics };
   const hash = createHash('sha256');
   for (const f of load.files) hash.update(f.path).update('\0').update(f.text).update('\0');
   hash.update(JSON.stringify(Object.entries(opts.gatewayLabels).sort()));
+  if (opts.egress !== undefined) {
+    hash.update(
+      JSON.stringify({
+        egress: [opts.egress.port, opts.egress.bind ?? DEFAULT_EGRESS_BIND],
+        rootNamespace: opts.rootNamespace ?? DEFAULT_ROOT_NAMESPACE,
+      }),
+    );
+  }
   const config: CompiledConfig = deepFreeze({
     version: hash.digest('hex').slice(0, 12),
     resources: load.resources,
     listeners,
     clusters: c.clusters,
+    egress,
     diagnostics: diagnostics.filter((d) => d.severity === 'warning'),
   });
   return { ok: true, config };
@@ -432,6 +512,7 @@ class Compiler {
       wildcards.sort((a, b) => b.suffix.length - a.suffix.length);
       out.push({
         name: key.startsWith('_') ? `port${key}` : key,
+        role: 'ingress',
         port: slot.port,
         bind: slot.bind,
         protocol: slot.protocol,
@@ -442,6 +523,141 @@ class Compiler {
       });
     }
     return out.sort((a, b) => a.port - b.port);
+  }
+
+  /** Explicit egress mode (root namespace Sidecar, else MeshConfig), and whether any egress policy exists. */
+  #egressMode: { mode: OutboundTrafficMode; source: string } | undefined;
+  #egressPolicies = false;
+
+  /**
+   * Sidecars and MeshConfigs: the egress gateway's outboundTrafficPolicy. Only the root namespace's
+   * Sidecar without workloadSelector counts (Istio's mesh-wide default); others are ignored with a
+   * warning. At most one MeshConfig.
+   */
+  meshPolicies(): void {
+    const root = this.#opts.rootNamespace ?? DEFAULT_ROOT_NAMESPACE;
+    let sidecar: R<'Sidecar'> | undefined;
+    let meshConfig: R<'MeshConfig'> | undefined;
+    for (const r of this.#resources) {
+      if (r.kind === 'Sidecar') {
+        const sc = r as R<'Sidecar'>;
+        this.#egressPolicies = true;
+        if (sc.spec.workloadSelector !== undefined) {
+          this.#warn(
+            sc,
+            ['spec', 'workloadSelector'],
+            PolicyErrorCode.UNSUPPORTED_FIELD,
+            `a Sidecar with a workloadSelector is ignored: meshgate runs no per-workload sidecars yet; the egress gateway's mode comes from the Sidecar in the root namespace (${root}) without workloadSelector`,
+          );
+        } else if (sc.namespace !== root) {
+          this.#warn(
+            sc,
+            ['metadata', 'namespace'],
+            PolicyErrorCode.UNSUPPORTED_FIELD,
+            `a Sidecar outside the root namespace (${root}) is ignored: meshgate runs no per-namespace sidecars yet; the egress gateway's mode comes from the root namespace's Sidecar`,
+          );
+        } else if (sidecar !== undefined) {
+          this.#warn(sc, ['metadata', 'name'], PolicyErrorCode.CONFLICT, `${sidecar.ref} is already the root namespace's default Sidecar; that one wins`);
+        } else sidecar = sc;
+      } else if (r.kind === 'MeshConfig') {
+        const mc = r as R<'MeshConfig'>;
+        this.#egressPolicies = true;
+        if (meshConfig !== undefined) {
+          const at = meshConfig.source.position(['metadata', 'name']);
+          this.#error(
+            mc,
+            ['metadata', 'name'],
+            PolicyErrorCode.CONFLICT,
+            `only one MeshConfig is allowed; ${meshConfig.ref} is defined at ${meshConfig.source.file}:${at.line}:${at.col}`,
+          );
+        } else meshConfig = mc;
+      } else if (r.kind === 'ServiceEntry' && isMeshExternal(r as R<'ServiceEntry'>)) this.#egressPolicies = true;
+    }
+    const fromSidecar = sidecar?.spec.outboundTrafficPolicy?.mode;
+    const fromMesh = meshConfig?.spec.outboundTrafficPolicy?.mode;
+    if (sidecar !== undefined && fromSidecar !== undefined) this.#egressMode = { mode: fromSidecar, source: sidecar.ref };
+    else if (meshConfig !== undefined && fromMesh !== undefined) this.#egressMode = { mode: fromMesh, source: meshConfig.ref };
+  }
+
+  /**
+   * The egress listener: one virtual host per host of each MESH_EXTERNAL ServiceEntry, one route per
+   * port (selected by the authority's port, 80 when none), each to that port's cluster.
+   */
+  egress(e: NonNullable<CompileOptions['egress']>): { listener: CompiledListener; egress: CompiledEgress } {
+    const name = `egress_${e.port}`;
+    const exact = new Map<string, VirtualHost>();
+    const wildcards: { suffix: string; vhost: VirtualHost }[] = [];
+    let any: VirtualHost | undefined;
+    const domains = new Map<string, R<'ServiceEntry'>>();
+    const allowed = new Set<string>();
+    for (const r of this.#resources) {
+      if (r.kind !== 'ServiceEntry') continue;
+      const se = r as R<'ServiceEntry'>;
+      if (!isMeshExternal(se)) continue;
+      for (const a of se.spec.addresses ?? []) allowed.add(a);
+      for (const ep of se.spec.endpoints ?? []) if (isIpAddress(ep.address)) allowed.add(ep.address);
+      const ports = se.spec.ports ?? [];
+      se.spec.hosts.forEach((h, hi) => {
+        const key = qualifyHost(h, se.namespace);
+        const entry = this.#registry.get(key);
+        if (entry === undefined || entry.se !== se) return; // declared first by another ServiceEntry (warned)
+        const domain = normalizeHost(h);
+        const prev = domains.get(domain);
+        if (prev !== undefined) {
+          if (prev !== se)
+            this.#warn(se, ['spec', 'hosts', hi], PolicyErrorCode.CONFLICT, `egress host ${domain} is already declared by ${prev.ref}; that one wins`);
+          return;
+        }
+        domains.set(domain, se);
+        if (ports.length === 0)
+          this.#warn(se, ['spec', 'hosts', hi], PolicyErrorCode.REFERENCE, `${se.ref} declares no ports: the egress gateway has no route to ${domain}`);
+        const routes: CompiledRoute[] = ports.map((p) => {
+          const cluster = `outbound|${p.number}||${key}`;
+          if (!this.clusters.has(cluster)) this.#buildCluster(entry, key, p, undefined, undefined, se, ['spec', 'hosts', hi]);
+          const port = p.number;
+          return {
+            name: `egress|${port}|${domain}`,
+            virtualService: se.ref,
+            matches: [{ name: undefined, uriPrefix: undefined, uriKind: undefined, test: (x: MatchInput) => authorityPort(x.authority) === port }],
+            action: { kind: 'route', destinations: [{ cluster, weight: 100, requestHeaders: undefined, responseHeaders: undefined }], totalWeight: 100 },
+            rewrite: undefined,
+            timeoutMs: undefined,
+            retry: retryPolicy(undefined),
+            fault: undefined,
+            mirrors: [],
+            cors: undefined,
+            requestHeaders: undefined,
+            responseHeaders: undefined,
+            catchAll: false,
+          };
+        });
+        const vhost: VirtualHost = { name: `${domain}:egress`, domain, routes, httpsRedirect: false };
+        if (domain === '*') any = vhost;
+        else if (domain.startsWith('*.')) wildcards.push({ suffix: domain.slice(1), vhost });
+        else exact.set(domain, vhost);
+      });
+    }
+    wildcards.sort((a, b) => b.suffix.length - a.suffix.length);
+    const explicit = this.#egressMode;
+    return {
+      listener: {
+        name,
+        role: 'egress',
+        port: e.port,
+        bind: e.bind ?? DEFAULT_EGRESS_BIND,
+        protocol: 'HTTP',
+        tls: [],
+        routes: { exact, wildcards, any },
+        l4Routes: [],
+        gateways: [],
+      },
+      egress: {
+        listener: name,
+        mode: explicit?.mode ?? (this.#egressPolicies ? 'REGISTRY_ONLY' : 'ALLOW_ANY'),
+        modeSource: explicit?.source ?? 'default',
+        allowedAddresses: [...allowed],
+      },
+    };
   }
 
   #file(r: Resource, path: readonly PropertyKey[], file: string): string {
@@ -615,15 +831,38 @@ class Compiler {
     if (sePort === undefined) return unresolved(`${entry.se.ref} declares no ports`);
     const name = `outbound|${sePort.number}|${d.subset ?? ''}|${host}`;
     if (this.clusters.has(name)) return name;
+    let subsetIndex: number | undefined;
+    if (d.subset !== undefined) {
+      subsetIndex = this.#rules.get(host)?.spec.subsets?.findIndex((s) => s.name === d.subset) ?? -1;
+      if (subsetIndex < 0) return unresolved(`subset "${d.subset}" of ${host} is not defined by a DestinationRule`);
+    }
+    this.#buildCluster(entry, host, sePort, d.subset, subsetIndex, vs, path);
+    return name;
+  }
 
+  /**
+   * Makes cluster `outbound|port|subset|host` of a registry entry. `at` and `path` locate its
+   * warnings: the VirtualService destination that refers to it, or the ServiceEntry host (egress).
+   */
+  #buildCluster(
+    entry: { se: R<'ServiceEntry'>; host: string },
+    host: string,
+    sePort: NonNullable<ServiceEntrySpec['ports']>[number],
+    subsetName: string | undefined,
+    subsetIndex: number | undefined,
+    at: Resource,
+    path: readonly PropertyKey[],
+  ): void {
+    const name = `outbound|${sePort.number}|${subsetName ?? ''}|${host}`;
     const dr = this.#rules.get(host);
     let policy: TrafficPolicy | undefined = dr?.spec.trafficPolicy;
+    let tlsPath: PropertyKey[] = ['spec', 'trafficPolicy', 'tls'];
     let subsetLabels: Record<string, string> | undefined;
-    if (d.subset !== undefined) {
-      const subset = dr?.spec.subsets?.find((s) => s.name === d.subset);
-      if (subset === undefined) return unresolved(`subset "${d.subset}" of ${host} is not defined by a DestinationRule`);
-      subsetLabels = subset.labels ?? {};
-      policy = mergePolicy(policy, subset.trafficPolicy);
+    if (subsetIndex !== undefined) {
+      const subset = dr?.spec.subsets?.[subsetIndex];
+      subsetLabels = subset?.labels ?? {};
+      policy = mergePolicy(policy, subset?.trafficPolicy);
+      if (subset?.trafficPolicy?.tls !== undefined) tlsPath = ['spec', 'subsets', subsetIndex, 'trafficPolicy', 'tls'];
     }
     const resolution = entry.se.spec.resolution ?? 'NONE';
     let endpoints: CompiledEndpoint[];
@@ -642,7 +881,10 @@ class Compiler {
       const want = Object.entries(subsetLabels);
       endpoints = endpoints.filter((ep) => want.every(([k, v]) => ep.labels[k] === v));
     }
-    if (endpoints.length === 0) this.#warn(vs, path, PolicyErrorCode.REFERENCE, `${name} has no endpoints; requests to it get 503 no_healthy_upstream`);
+    // A wildcard host without endpoints is resolved per request from the request's host.
+    const dynamicHost = (entry.host === '*' || entry.host.startsWith('*.')) && (declared ?? []).length === 0;
+    if (endpoints.length === 0 && !dynamicHost)
+      this.#warn(at, path, PolicyErrorCode.REFERENCE, `${name} has no endpoints; requests to it get 503 no_healthy_upstream`);
     const lbIn = policy?.loadBalancer;
     let lb: LbPolicy;
     if (lbIn?.consistentHash !== undefined) {
@@ -684,7 +926,7 @@ class Compiler {
       name,
       host,
       port: sePort.number,
-      subset: d.subset,
+      subset: subsetName,
       protocol: sePort.protocol ?? 'HTTP',
       serviceName: host.split('.')[0] ?? host,
       serviceNamespace: se.namespace,
@@ -693,9 +935,64 @@ class Compiler {
       lb,
       pool,
       outlier,
+      tls: dr === undefined ? undefined : this.#clientTls(dr, policy?.tls, tlsPath),
+      dynamicHost,
     });
-    return name;
   }
+
+  readonly #tlsCache = new Map<string, CompiledClientTls | undefined>();
+
+  /** trafficPolicy.tls of a DestinationRule; file paths resolved from its YAML file and checked once. */
+  #clientTls(dr: R<'DestinationRule'>, t: ClientTlsSettings | undefined, path: readonly PropertyKey[]): CompiledClientTls | undefined {
+    if (t === undefined) return undefined;
+    const mode = t.mode ?? 'DISABLE';
+    if (mode !== 'SIMPLE' && mode !== 'MUTUAL') return undefined;
+    const cacheKey = `${dr.ref}|${formatPath(path)}`;
+    if (this.#tlsCache.has(cacheKey)) return this.#tlsCache.get(cacheKey);
+    const file = (f: string | undefined, field: string) => (f === undefined ? undefined : this.#file(dr, [...path, field], f));
+    const tls: CompiledClientTls = {
+      mode,
+      caFile: file(t.caCertificates, 'caCertificates'),
+      certFile: file(t.clientCertificate, 'clientCertificate'),
+      keyFile: file(t.privateKey, 'privateKey'),
+      sni: t.sni,
+      subjectAltNames: t.subjectAltNames ?? [],
+      insecureSkipVerify: t.insecureSkipVerify === true,
+    };
+    this.#tlsCache.set(cacheKey, tls);
+    return tls;
+  }
+}
+
+/** Istio's default location is MESH_EXTERNAL: a ServiceEntry without `location` is external. */
+function isMeshExternal(se: Resource<'ServiceEntry'>): boolean {
+  return (se.spec.location ?? 'MESH_EXTERNAL') === 'MESH_EXTERNAL';
+}
+
+/**
+ * The port of an authority (`host:port`, `[v6]:port`); 80 when it names none. A port that is not a
+ * number from 0 to 65535 gives -1, which no route matches.
+ */
+export function authorityPort(authority: string): number {
+  let rest: string;
+  if (authority.startsWith('[')) {
+    const close = authority.indexOf(']');
+    if (close < 0) return -1;
+    rest = authority.slice(close + 1);
+    if (rest === '') return 80;
+    if (!rest.startsWith(':')) return -1;
+  } else {
+    const colon = authority.indexOf(':');
+    if (colon < 0) return 80;
+    // More than one colon without brackets: a bare IPv6 address, no port.
+    if (authority.indexOf(':', colon + 1) >= 0) return 80;
+    rest = authority.slice(colon);
+  }
+  const digits = rest.slice(1);
+  if (digits === '') return 80;
+  if (!/^\d{1,5}$/.test(digits)) return -1;
+  const n = Number(digits);
+  return n <= 65535 ? n : -1;
 }
 
 /** A path written in a policy file, resolved from that file's folder (absolute paths stay as they are). */

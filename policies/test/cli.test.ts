@@ -20,7 +20,7 @@ describe('meshgate validate', () => {
   test('a valid folder: exit 0 and "valid" on stdout', () => {
     const r = validate('policies/examples');
     assert.equal(r.status, 0, r.stderr);
-    assert.match(r.stdout, /^\d+ resource\(s\) in 7 file\(s\): valid\n$/);
+    assert.match(r.stdout, /^\d+ resource\(s\) in 8 file\(s\): valid\n$/);
     assert.equal(r.stderr, '');
   });
 

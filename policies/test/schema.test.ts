@@ -133,7 +133,18 @@ describe('JSON Schema for editors', () => {
     assert.equal(schema.$schema, 'https://json-schema.org/draft/2020-12/schema');
     assert.deepEqual(schema.required, ['apiVersion', 'kind', 'metadata', 'spec']);
     const props = schema.properties as Record<string, Schema>;
-    const kinds = ['Gateway', 'VirtualService', 'DestinationRule', 'ServiceEntry', 'RequestAuthentication', 'AuthorizationPolicy', 'Quota', 'Adapter'];
+    const kinds = [
+      'Gateway',
+      'VirtualService',
+      'DestinationRule',
+      'ServiceEntry',
+      'Sidecar',
+      'RequestAuthentication',
+      'AuthorizationPolicy',
+      'Quota',
+      'Adapter',
+      'MeshConfig',
+    ];
     assert.deepEqual(props.kind?.enum, kinds);
     assert.deepEqual(props.apiVersion?.enum, [
       'networking.istio.io/v1',
@@ -190,7 +201,7 @@ describe('JSON Schema for editors', () => {
     assert.deepEqual(errors(vs({ hosts: ['a'], http: [{ ...route, timeout: '1m30.5s' }] })), []);
     assert.deepEqual(errors(vs({ hosts: ['Hello.Example.COM'] })), [], 'hosts are case-insensitive, as the loader');
     assert.equal(errors(vs({ hosts: ['a'] }, 'networking.istio.io/v2')).length, 2);
-    assert.deepEqual(errors({ ...vs({ hosts: ['a'] }), kind: 'Sidecar' }), ['.kind: "Sidecar" not in enum']);
+    assert.deepEqual(errors({ ...vs({ hosts: ['a'] }), kind: 'WorkloadEntry' }), ['.kind: "WorkloadEntry" not in enum']);
   });
 
   test('security and meshgate kinds: their apiVersions, unsupported Istio fields, durations', () => {

@@ -1,6 +1,6 @@
 import type * as z from 'zod';
-import { adapterSpec, quotaSpec } from './meshgate.ts';
-import { destinationRuleSpec, gatewaySpec, serviceEntrySpec, virtualServiceSpec } from './networking.ts';
+import { adapterSpec, meshConfigSpec, quotaSpec } from './meshgate.ts';
+import { destinationRuleSpec, gatewaySpec, serviceEntrySpec, sidecarSpec, virtualServiceSpec } from './networking.ts';
 import { authorizationPolicySpec, requestAuthenticationSpec } from './security.ts';
 
 const NETWORKING = ['networking.istio.io/v1', 'networking.istio.io/v1beta1', 'networking.istio.io/v1alpha3'] as const;
@@ -13,17 +13,18 @@ export const KINDS = {
   VirtualService: { apiVersions: NETWORKING, spec: virtualServiceSpec },
   DestinationRule: { apiVersions: NETWORKING, spec: destinationRuleSpec },
   ServiceEntry: { apiVersions: NETWORKING, spec: serviceEntrySpec },
+  Sidecar: { apiVersions: NETWORKING, spec: sidecarSpec },
   RequestAuthentication: { apiVersions: SECURITY, spec: requestAuthenticationSpec },
   AuthorizationPolicy: { apiVersions: SECURITY, spec: authorizationPolicySpec },
   Quota: { apiVersions: MESHGATE, spec: quotaSpec },
   Adapter: { apiVersions: MESHGATE, spec: adapterSpec },
+  MeshConfig: { apiVersions: MESHGATE, spec: meshConfigSpec },
 } as const;
 export type Kind = keyof typeof KINDS;
 export type SpecOf<K extends Kind> = z.output<(typeof KINDS)[K]['spec']>;
 
 /** Istio kinds that exist but that meshgate does not implement yet, and when they arrive. */
 export const LATER_KINDS: Record<string, string> = {
-  Sidecar: 'arrives with the egress gateway work',
   WorkloadEntry: 'arrives with the mesh-agent work',
   WorkloadGroup: 'arrives with the mesh-agent work',
   EnvoyFilter: 'meshgate is not Envoy; use an Adapter',
@@ -31,5 +32,4 @@ export const LATER_KINDS: Record<string, string> = {
   PeerAuthentication: 'arrives with the mesh-agent work',
   Telemetry: 'not planned yet',
   WasmPlugin: 'not planned',
-  MeshConfig: 'arrives with the egress gateway work',
 };

@@ -1,5 +1,6 @@
 import * as z from 'zod';
 import { duration, hostName } from './common.ts';
+import { OUTBOUND_TRAFFIC_MODES } from './networking.ts';
 import { workloadSelector } from './security.ts';
 
 // meshgate's own kinds (meshgate.io/v1alpha1), after Mixer's quota and adapter models. Optional fields
@@ -104,3 +105,26 @@ export const adapterSpec = z.strictObject({
   selector: workloadSelector.exactOptional().describe('The gateways that send reports to this adapter; no selector: every gateway in scope.'),
 });
 export type AdapterSpec = z.output<typeof adapterSpec>;
+
+// ---------------------------------------------------------------------------------------------------
+// MeshConfig
+
+/**
+ * The mesh-wide settings Istio keeps in its MeshConfig (the `istio` ConfigMap), as a resource. Only
+ * outboundTrafficPolicy so far; at most one MeshConfig per policy set.
+ */
+export const meshConfigSpec = z.strictObject({
+  outboundTrafficPolicy: z
+    .strictObject({
+      mode: z
+        .enum(OUTBOUND_TRAFFIC_MODES)
+        .describe(
+          'REGISTRY_ONLY: the egress gateway forwards only to hosts declared by MESH_EXTERNAL ServiceEntries. ALLOW_ANY: to any host (private addresses still refused).',
+        ),
+    })
+    .exactOptional()
+    .describe(
+      "The egress gateway's mode; a root namespace Sidecar's outboundTrafficPolicy takes precedence. Default: REGISTRY_ONLY once any egress policy exists, else ALLOW_ANY.",
+    ),
+});
+export type MeshConfigSpec = z.output<typeof meshConfigSpec>;

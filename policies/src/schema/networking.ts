@@ -1,4 +1,6 @@
 import * as z from 'zod';
+import { PolicyErrorCode } from '../errors.ts';
+import { isIpAddress, isIpOrCidr } from '../ip.ts';
 import {
   duration,
   headerName,
@@ -16,7 +18,6 @@ import {
 
 const ISSUE_PROTOCOLS = 'not implemented by meshgate';
 const GATEWAY_PROTOCOLS = new Set(['HTTP', 'HTTPS', 'HTTP2', 'GRPC', 'TCP', 'TLS']);
-const ISSUE_EGRESS = 'arrives with the egress gateway work';
 const ISSUE_MESH = 'arrives with the mesh-agent work';
 const NO_EXPORT = 'meshgate has one configuration scope; remove exportTo';
 
@@ -345,6 +346,50 @@ export type VirtualServiceSpec = z.output<typeof virtualServiceSpec>;
 // ---------------------------------------------------------------------------------------------------
 // DestinationRule
 
+/** Istio's ClientTLSSettings: TLS from the gateway to the upstream (origination). */
+export const clientTlsSettings = z
+  .strictObject({
+    mode: z
+      .enum(['DISABLE', 'SIMPLE', 'MUTUAL', 'ISTIO_MUTUAL'])
+      .optional()
+      .describe(
+        'DISABLE (default): plain connections. SIMPLE: TLS to the upstream. MUTUAL: TLS with a client certificate (clientCertificate, privateKey). ISTIO_MUTUAL is not supported yet.',
+      ),
+    caCertificates: z
+      .string()
+      .min(1)
+      .optional()
+      .describe("PEM CA bundle the upstream's certificate is verified against; relative paths resolve from the YAML file. Default: the system roots."),
+    clientCertificate: z.string().min(1).optional().describe('MUTUAL: PEM client certificate chain file; relative paths resolve from the YAML file.'),
+    privateKey: z.string().min(1).optional().describe('MUTUAL: PEM private key file of clientCertificate; relative paths resolve from the YAML file.'),
+    sni: z.string().min(1).optional().describe("SNI sent in the TLS handshake. Default: the request's host."),
+    subjectAltNames: z
+      .array(z.string().min(1))
+      .optional()
+      .describe("Names the upstream's certificate must carry (any one of them); default: the certificate is checked against the SNI."),
+    insecureSkipVerify: z.boolean().optional().describe("Skip verifying the upstream's certificate (CA and names). Default false."),
+    credentialName: unsupported('Kubernetes secrets; use caCertificates, clientCertificate and privateKey files'),
+    caCrl: unsupported('certificate revocation lists'),
+  })
+  .superRefine((t, ctx) => {
+    const mode = t.mode ?? 'DISABLE';
+    if (mode === 'ISTIO_MUTUAL') {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['mode'],
+        message: `not supported by meshgate: tls mode ISTIO_MUTUAL ${ISSUE_MESH}`,
+        params: { code: PolicyErrorCode.UNSUPPORTED_FIELD },
+      });
+      return;
+    }
+    for (const f of ['clientCertificate', 'privateKey'] as const) {
+      if (mode === 'MUTUAL' && t[f] === undefined) ctx.addIssue({ code: 'custom', path: [f], message: `required for tls mode MUTUAL` });
+      if (mode !== 'MUTUAL' && t[f] !== undefined)
+        ctx.addIssue({ code: 'custom', path: [f], message: `${f} is for tls mode MUTUAL only (mode is ${mode}); remove it or use MUTUAL` });
+    }
+  });
+export type ClientTlsSettings = z.output<typeof clientTlsSettings>;
+
 export const trafficPolicy = z.strictObject({
   loadBalancer: z
     .strictObject({
@@ -434,7 +479,7 @@ export const trafficPolicy = z.strictObject({
       splitExternalLocalOriginErrors: unsupported('split local-origin failures'),
     })
     .optional(),
-  tls: unsupported(ISSUE_EGRESS),
+  tls: clientTlsSettings.optional().describe('TLS origination to the upstream (Istio ClientTLSSettings).'),
   portLevelSettings: unsupported('per-port traffic policies'),
   proxyProtocol: unsupported('PROXY protocol'),
   tunnel: unsupported('tunnelling'),
@@ -461,6 +506,8 @@ export type DestinationRuleSpec = z.output<typeof destinationRuleSpec>;
 
 // ---------------------------------------------------------------------------------------------------
 // ServiceEntry
+
+const ipOrCidr = z.string().refine(isIpOrCidr, 'not an IP address or CIDR block (e.g. 203.0.113.7, 10.0.0.0/8, 2001:db8::/32)');
 
 export const serviceEntrySpec = z
   .strictObject({
@@ -493,7 +540,12 @@ export const serviceEntrySpec = z
         }),
       )
       .optional(),
-    addresses: unsupported(ISSUE_PROTOCOLS),
+    addresses: z
+      .array(ipOrCidr)
+      .optional()
+      .describe(
+        'IP addresses or CIDR blocks (v4 or v6) of this external service: the egress gateway may connect to them even when they are private (its SSRF guard lets them through).',
+      ),
     workloadSelector: unsupported(ISSUE_MESH),
     exportTo: unsupported(NO_EXPORT),
     subjectAltNames: unsupported(ISSUE_MESH),
@@ -501,12 +553,38 @@ export const serviceEntrySpec = z
   .superRefine((se, ctx) => {
     if (se.resolution === 'STATIC') {
       (se.endpoints ?? []).forEach((ep, i) => {
-        if (!isIP(ep.address)) ctx.addIssue({ code: 'custom', path: ['endpoints', i, 'address'], message: 'resolution STATIC needs IP addresses' });
+        if (!isIpAddress(ep.address)) ctx.addIssue({ code: 'custom', path: ['endpoints', i, 'address'], message: 'resolution STATIC needs IP addresses' });
       });
     }
   });
 export type ServiceEntrySpec = z.output<typeof serviceEntrySpec>;
 
-function isIP(s: string): boolean {
-  return /^\d{1,3}(\.\d{1,3}){3}$/.test(s) || (s.includes(':') && /^[0-9a-f:.]+$/i.test(s));
-}
+// ---------------------------------------------------------------------------------------------------
+// Sidecar
+
+export const OUTBOUND_TRAFFIC_MODES = ['REGISTRY_ONLY', 'ALLOW_ANY'] as const;
+export type OutboundTrafficMode = (typeof OUTBOUND_TRAFFIC_MODES)[number];
+
+export const sidecarSpec = z.strictObject({
+  workloadSelector: z
+    .strictObject({
+      labels: z.record(z.string().min(1), z.string()).optional().describe('Labels of the workloads this Sidecar applies to.'),
+    })
+    .optional()
+    .describe('Accepted, but a Sidecar with a workloadSelector is ignored: only the root namespace default Sidecar sets the egress mode.'),
+  outboundTrafficPolicy: z
+    .strictObject({
+      mode: z
+        .enum(OUTBOUND_TRAFFIC_MODES)
+        .describe(
+          'REGISTRY_ONLY: the egress gateway forwards only to hosts declared by MESH_EXTERNAL ServiceEntries. ALLOW_ANY: to any host (private addresses still refused).',
+        ),
+      egressProxy: unsupported('route unknown hosts through the egress gateway instead'),
+    })
+    .optional()
+    .describe("The egress gateway's mode, when this Sidecar is in the root namespace (istio-system) without workloadSelector."),
+  ingress: unsupported(`per-workload inbound listeners ${ISSUE_MESH}`),
+  egress: unsupported(`per-workload outbound scoping ${ISSUE_MESH}`),
+  inboundConnectionPool: unsupported(`per-workload inbound connection pools ${ISSUE_MESH}`),
+});
+export type SidecarSpec = z.output<typeof sidecarSpec>;
