@@ -32,6 +32,9 @@ Usage:
       --root-namespace NS  Istio's root namespace: security resources there apply to every gateway
                            (default istio-system)
       --bind-address ADDR  address for listeners without a Gateway bind (default 0.0.0.0)
+      --egress-port N      the egress gateway's listener: forward proxy (HTTP_PROXY), CONNECT tunnels
+                           (HTTPS_PROXY), TLS origination (default 15443; 0 turns it off)
+      --egress-bind ADDR   its address (default 127.0.0.1: only this machine's apps; 0.0.0.0 to serve others)
       --port-map P=Q       bind Gateway port P on port Q, repeatable (Q=0: any free port)
       --access-log DEST    stdout (default), off, or a file path
       --log-level LEVEL    trace|debug|info|warn|error (default info)
@@ -171,6 +174,8 @@ async function gateway(args: string[]): Promise<number> {
       'redis-cluster-nodes': { type: 'string' },
       namespace: { type: 'string' },
       'root-namespace': { type: 'string' },
+      'egress-port': { type: 'string' },
+      'egress-bind': { type: 'string' },
     },
   });
   if (values.policies === undefined || values.policies.length === 0) throw new GatewayError(GatewayErrorCode.USAGE, 'gateway needs --policies DIR');
@@ -194,6 +199,7 @@ async function gateway(args: string[]): Promise<number> {
   if (idleTimeoutMs !== undefined) websocket.idleTimeoutMs = idleTimeoutMs;
   if (drainTimeoutMs !== undefined) websocket.drainTimeoutMs = drainTimeoutMs;
   const workers = positive('--workers', values.workers) ?? 1;
+  const egressPort = port('--egress-port', values['egress-port'], 15443);
   const quotaConfig = parseQuotaStoreFlags(values);
   const adminPort = port('--admin-port', values['admin-port'], 15000);
   const metricsPort = port('--metrics-port', values['metrics-port'], 15090);
@@ -244,6 +250,7 @@ async function gateway(args: string[]): Promise<number> {
       quotaStore: quota.store,
       ...(values.namespace === undefined ? {} : { namespace: values.namespace }),
       ...(values['root-namespace'] === undefined ? {} : { rootNamespace: values['root-namespace'] }),
+      egress: egressPort === 0 ? null : { port: egressPort, bind: values['egress-bind'] ?? '127.0.0.1' },
     });
   } catch (err) {
     await quota.close();

@@ -44,7 +44,7 @@ interface Cli {
 }
 
 function startCli(args: readonly string[]): Cli {
-  const child = spawn(process.execPath, [CLI, 'gateway', ...args], { stdio: ['pipe', 'pipe', 'pipe'], detached: true });
+  const child = spawn(process.execPath, [CLI, 'gateway', '--egress-port', '0', ...args], { stdio: ['pipe', 'pipe', 'pipe'], detached: true });
   const lines: Line[] = [];
   let rest = '';
   child.stdout.on('data', (d: Buffer) => {

@@ -636,6 +636,9 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
         'gateway',
         '--policies',
         policiesDir,
+        // No egress listener: the scenarios measure ingress, and a fixed port could be taken.
+        '--egress-port',
+        '0',
         '--bind-address',
         '127.0.0.1',
         '--admin-port',

@@ -13,7 +13,7 @@ const services = await Promise.all([
   startDemoService('helloworld', 'v2', '127.0.0.1', 9097),
   startDemoService('testservice', 'v1', '127.0.0.1', 9096),
 ]);
-const gw = await startGateway({ policies: [join(root, 'policies', 'examples')], bindAddress: '127.0.0.1' });
+const gw = await startGateway({ policies: [join(root, 'policies', 'examples')], bindAddress: '127.0.0.1', egress: { port: 15443, bind: '127.0.0.1' } });
 process.stderr.write(`
 meshgate is up (config ${gw.engine.snapshot?.version}). Try:
   curl -H 'Host: hello.example.com' http://127.0.0.1:8080/hello

@@ -2,8 +2,9 @@ import { type FSWatcher, watch } from 'node:fs';
 import { type CompiledConfig, compile, type Diagnostic, formatDiagnostic, loadPolicies } from '@meshgate/policies';
 import type { FastifyInstance } from 'fastify';
 import pino, { type Logger } from 'pino';
-import { Registry } from 'prom-client';
+import { Counter, Registry } from 'prom-client';
 import { GatewayError, GatewayErrorCode } from '../engine/details.ts';
+import { EgressGuard, type Resolver } from '../engine/egress/guard.ts';
 import type { JwtOptions } from '../engine/filters/jwt/index.ts';
 import { type AccessLogRecord, Engine } from '../engine/proxy.ts';
 import { MemoryQuotaStore, type QuotaStore } from '../engine/quota/index.ts';
@@ -62,6 +63,13 @@ export interface GatewayOptions {
   readonly jwt?: JwtOptions;
   /** Used for RequestAuthentication jwksUri (tests inject one). Default: global fetch. */
   readonly fetch?: typeof globalThis.fetch;
+  /**
+   * The egress listener (forward proxy, CONNECT tunnels, TLS origination; issue 5): its port and
+   * address. Default: none here (the CLI turns it on at 127.0.0.1:15443).
+   */
+  readonly egress?: { readonly port: number; readonly bind?: string } | null;
+  /** Resolves external host names for egress (tests inject one that never leaves loopback). */
+  readonly resolver?: Resolver;
 }
 
 export type ReloadResult =
@@ -94,6 +102,7 @@ export class Gateway {
   #closed = false;
   readonly #quotaStore: QuotaStore;
   readonly #ownStore: boolean;
+  readonly #egressDenied: Counter<'reason'>;
 
   private constructor(opts: GatewayOptions) {
     this.#opts = opts;
@@ -101,6 +110,12 @@ export class Gateway {
     this.#quotaStore = opts.quotaStore ?? new MemoryQuotaStore();
     this.logger = opts.logger ?? pino({ base: { component: 'meshgate' }, redact: ['req.headers.authorization', 'req.headers.cookie'] });
     this.registry = opts.registry ?? new Registry();
+    this.#egressDenied = new Counter({
+      name: 'meshgate_egress_denied_total',
+      help: 'Egress requests and tunnels refused: not_declared (no ServiceEntry, REGISTRY_ONLY), forbidden_address (SSRF guard), sni_mismatch (CONNECT)',
+      labelNames: ['reason'],
+      registers: [this.registry],
+    });
     this.telemetry = new Telemetry(this.registry, { workload: opts.workload ?? 'meshgate-ingressgateway', namespace: opts.namespace ?? 'istio-system' });
     const access = opts.accessLog === undefined ? defaultAccessLog(this.logger) : (opts.accessLog ?? undefined);
     this.engine = new Engine({
@@ -179,7 +194,12 @@ export class Gateway {
 
   async #reloadOnce(): Promise<ReloadResult> {
     const load = loadPolicies(this.#opts.policies);
-    const compiled = compile(load, { gatewayLabels: this.#opts.labels ?? DEFAULT_LABELS });
+    const egressOpts = this.#opts.egress ?? undefined;
+    const compiled = compile(load, {
+      gatewayLabels: this.#opts.labels ?? DEFAULT_LABELS,
+      rootNamespace: this.#opts.rootNamespace ?? 'istio-system',
+      ...(egressOpts === undefined ? {} : { egress: egressOpts }),
+    });
     if (!compiled.ok) return this.#rejected(compiled.diagnostics.filter((d) => d.severity === 'error').map(formatDiagnostic));
     const config: CompiledConfig = compiled.config;
     const current = this.engine.snapshot;
@@ -211,7 +231,17 @@ export class Gateway {
     let next: Snapshot;
     let closeRemoved: () => Promise<void>;
     try {
-      next = new Snapshot(config, { pools: this.#pools, telemetry: this.telemetry, security: security.plan });
+      const allow = config.egress?.allowedAddresses ?? [];
+      next = new Snapshot(config, {
+        pools: this.#pools,
+        telemetry: this.telemetry,
+        security: security.plan,
+        egress: {
+          guard: new EgressGuard({ allow, ...(this.#opts.resolver === undefined ? {} : { resolver: this.#opts.resolver }) }),
+          guardKey: allow.join(','),
+          onDenied: (reason) => this.#egressDenied.inc({ reason }),
+        },
+      });
     } catch (err) {
       security.plan.close().catch(() => {});
       return this.#rejected([(err as Error).message]);

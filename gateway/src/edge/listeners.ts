@@ -7,6 +7,7 @@ import fastify, { type FastifyInstance } from 'fastify';
 import { GatewayError, GatewayErrorCode } from '../engine/details.ts';
 import type { Engine } from '../engine/proxy.ts';
 import { type RuntimeListener, type Snapshot, selectContext } from '../engine/snapshot.ts';
+import { egressConnect } from './egress-tunnel.ts';
 import { type L4Listener, startL4Listener } from './tcp.ts';
 
 const EMPTY_QUERY = Object.freeze({});
@@ -212,9 +213,11 @@ export class ListenerManager {
     // Only WebSocket upgrades leave HTTP handling; any other Upgrade (h2c, …) is served as plain HTTP/1.1.
     server.shouldUpgradeCallback = (req) => /(^|,)\s*websocket\s*(,|$)/i.test(String(req.headers.upgrade ?? ''));
     server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => engine.upgrade(name, scheme, req, socket, head));
-    // CONNECT is not served on ingress listeners (tunnels come with the egress gateway). Without a
+    // CONNECT opens a tunnel on the egress listener (HTTPS_PROXY) and is refused elsewhere: without a
     // listener Node drops an HTTP/1.1 CONNECT silently; answer 405 (as Node does on HTTP/2) and close.
-    server.on('connect', (_req: IncomingMessage, s: Socket | Http2ServerResponse) => {
+    const egress = l.config.role === 'egress';
+    server.on('connect', (req: IncomingMessage, s: Socket | Http2ServerResponse, head: Buffer) => {
+      if (egress && !('writeHead' in s)) return egressConnect(engine, name, req, s, head, { accessLog: engine.accessLog });
       if ('writeHead' in s) {
         s.writeHead(405, { 'content-length': '0' }).end();
         return;

@@ -62,6 +62,13 @@ export const Details = {
   ext_authz_error: { flag: 'UAEX' },
   /** A Quota was exhausted (Envoy's RL flag). */
   rate_limited: { flag: 'RL' },
+  // Egress.
+  /** No ServiceEntry declares this host and port, and the outbound policy is REGISTRY_ONLY. */
+  egress_denied: { flag: 'NR' },
+  /** The destination resolved only to addresses the SSRF guard refuses (private, loopback, metadata…). */
+  egress_forbidden_address: { flag: 'NR' },
+  /** CONNECT: the TLS ClientHello's SNI is not the CONNECT host (domain fronting), or it is not TLS. */
+  egress_sni_mismatch: { flag: 'NR' },
 } as const satisfies Record<string, { flag: string }>;
 export type DetailsName = keyof typeof Details;
 
@@ -81,6 +88,8 @@ export const LOCAL_BODIES: Partial<Record<DetailsName, string>> = {
   listener_draining: 'listener draining',
   rbac_access_denied: 'RBAC: access denied',
   rate_limited: 'Too Many Requests',
+  egress_denied: 'egress denied: destination not declared by a ServiceEntry',
+  egress_forbidden_address: 'egress denied: destination address not allowed',
 };
 
 /** Error codes that mean the upstream connection was never made (Envoy: connect failure, flag UF). */

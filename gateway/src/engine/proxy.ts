@@ -2,6 +2,7 @@ import type { IncomingMessage, OutgoingHttpHeaders, ServerResponse } from 'node:
 import type { ServerHttp2Stream } from 'node:http2';
 import { performance } from 'node:perf_hooks';
 import type { Duplex } from 'node:stream';
+import { authorityPort } from '@meshgate/policies';
 import type { Dispatcher } from 'undici';
 import { type AccessLogRecord, accessRecord } from './accesslog.ts';
 import { RequestBody } from './body.ts';
@@ -250,7 +251,8 @@ export class Engine {
     const q = url.indexOf('?');
     x.pathWithQuery = q < 0 ? path : `${path}?${target.query}`;
     const vhost = findRuntimeVirtualHost(x.listener, x.host);
-    if (vhost === undefined) return { status: 404, details: 'route_not_found' };
+    const egress = x.listener.config.role === 'egress';
+    if (vhost === undefined) return egress ? this.#egressRoute(x, undefined) : { status: 404, details: 'route_not_found' };
     x.vhost = vhost;
     if (vhost.config.httpsRedirect) return { status: 301, details: 'https_redirect', headers: { location: `https://${x.host}${x.pathWithQuery}` } };
     for (const r of vhost.routes) {
@@ -263,11 +265,30 @@ export class Engine {
         if ((ms[j] as (typeof ms)[number]).test(x)) {
           x.route = r;
           x.matchIndex = j;
+          // A wildcard ServiceEntry's route: the cluster is made for the host actually asked for.
+          if (egress && r.destinations[0]?.cluster?.config.dynamicHost === true) return this.#egressRoute(x, r);
           return undefined;
         }
       }
     }
-    return { status: 404, details: 'route_not_found' };
+    return egress ? this.#egressRoute(x, undefined) : { status: 404, details: 'route_not_found' };
+  }
+
+  /**
+   * Egress listener: a host (or port) the table does not declare is refused (REGISTRY_ONLY, 403
+   * egress_denied) or passed through on a route made for it (ALLOW_ANY); a wildcard ServiceEntry's
+   * host gets its own cluster. Every on-demand route goes through the SSRF guard.
+   */
+  #egressRoute(x: Exchange, template: RuntimeRoute | undefined): LocalReply | undefined {
+    const egress = x.snap.egress;
+    if (egress === undefined) return { status: 404, details: 'route_not_found' };
+    const port = authorityPort(x.authority);
+    const cluster = template?.destinations[0]?.cluster;
+    const r = egress.routeFor(x.host, port, template === undefined || cluster === undefined ? undefined : { route: template.config, cluster: cluster.config });
+    if ('status' in r) return r;
+    x.route = r;
+    x.matchIndex = -1;
+    return undefined;
   }
 
   /**
@@ -626,6 +647,11 @@ class UpstreamCall implements UpstreamHandler {
     const retry = this.#route.config.retry;
     let failure: LocalReply;
     let retriable: boolean;
+    if (code === 'EGRESS_FORBIDDEN_ADDRESS') {
+      // The SSRF guard refused every address the name resolved to: a policy answer, not retried.
+      x.snap.egress?.denied('forbidden_address');
+      return this.#fail({ status: 403, details: 'egress_forbidden_address' });
+    }
     if (reason?.reason === 'per_try_timeout') {
       failure = { status: 504, details: 'upstream_per_try_timeout' };
       retriable = retry.on5xx || retry.onGatewayError || retry.onReset;

@@ -1,6 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { createSecureContext, type SecureContext } from 'node:tls';
 import {
+  type CompiledCluster,
   type CompiledConfig,
   type CompiledL4Route,
   type CompiledListener,
@@ -10,6 +11,8 @@ import {
   type VirtualHost,
 } from '@meshgate/policies';
 import { GatewayError, GatewayErrorCode } from './details.ts';
+import type { EgressGuard } from './egress/guard.ts';
+import { connectOptionsFor, type EgressDeniedReason, EgressRuntime } from './egress/runtime.ts';
 import type { Exchange } from './exchange.ts';
 import type { HttpFilter } from './filter.ts';
 import { corsFilter } from './filters/cors.ts';
@@ -106,6 +109,8 @@ export interface SnapshotDeps {
   readonly telemetry: Telemetry;
   /** Edge security (jwt_authn, authorization, quotas, adapters) compiled for this configuration. */
   readonly security?: SecurityPlan;
+  /** The egress gateway's SSRF guard (built for this configuration's allowed addresses) and its refusal counter. */
+  readonly egress?: { readonly guard: EgressGuard; readonly guardKey: string; readonly onDenied: (reason: EgressDeniedReason) => void };
 }
 
 const NO_FILTERS: readonly HttpFilter[] = [];
@@ -125,6 +130,8 @@ export class Snapshot {
   /** TCP metrics of connections that reached no destination (no route, no SNI, unknown cluster). */
   readonly tcpNoDestination: TcpSlot;
   readonly security: SecurityPlan | undefined;
+  /** The egress listener's outbound policy and on-demand routes; undefined without an egress listener. */
+  readonly egress: EgressRuntime<RuntimeRoute> | undefined;
   /** Run in the log phase of every routed request (Adapters' report). */
   readonly reporters: readonly ((x: Exchange, durationMs: number) => void)[];
   #inflight = 0;
@@ -137,12 +144,30 @@ export class Snapshot {
     this.version = config.version;
     this.#pools = deps.pools;
     const clusters = new Map<string, RuntimeCluster>();
-    for (const [name, c] of config.clusters) clusters.set(name, new RuntimeCluster(c, deps.pools, deps.telemetry));
+    const guard = config.egress === undefined ? undefined : deps.egress?.guard;
+    const guardKey = deps.egress?.guardKey ?? '';
+    const connectFor = (c: CompiledCluster) => connectOptionsFor(c, guard, guardKey);
+    for (const [name, c] of config.clusters) clusters.set(name, new RuntimeCluster(c, deps.pools, deps.telemetry, connectFor(c)));
     this.clusters = clusters;
     this.tcpNoDestination = deps.telemetry.slot(undefined).tcp;
     this.security = deps.security;
     this.reporters = deps.security?.reporters ?? NO_REPORTERS;
     const security = deps.security === undefined || deps.security.empty ? undefined : deps.security;
+    this.egress =
+      config.egress === undefined || deps.egress === undefined
+        ? undefined
+        : new EgressRuntime<RuntimeRoute>(
+            config.egress,
+            deps.egress.guard,
+            {
+              build: (route, cluster) =>
+                buildRoute(route, new Map([[cluster.name, new RuntimeCluster(cluster, deps.pools, deps.telemetry, connectFor(cluster))]]), security),
+              release: (route) => {
+                for (const d of route.destinations) d.cluster?.release(deps.pools);
+              },
+            },
+            deps.egress.onDenied,
+          );
     try {
       const routeCache = new Map<CompiledRoute, RuntimeRoute>();
       const runtimeRoute = (r: CompiledRoute): RuntimeRoute => {
@@ -203,6 +228,7 @@ export class Snapshot {
 
   #drained(): void {
     this.#release();
+    this.egress?.release();
     this.security?.close().catch(() => {});
     this.#onDrained?.();
     this.#onDrained = undefined;

@@ -4,6 +4,19 @@ import { Pool } from 'undici';
 import { OutlierDetector, type OutlierHost } from './outlier.ts';
 import type { MetricSlot, Telemetry } from './telemetry.ts';
 
+/**
+ * How a cluster's connections are made beyond the address: TLS origination (DestinationRule
+ * `tls`), and a guarded `lookup` (the egress SSRF guard). `key` names the options, so pools are
+ * shared only between clusters that connect alike.
+ */
+export interface ConnectOptions {
+  readonly key: string;
+  /** `https:` origins: the upstream speaks TLS (origination). */
+  readonly tls: boolean;
+  /** Passed to undici's connector, hence to net.connect / tls.connect (lookup, ca, cert, key, servername…). */
+  readonly options: Readonly<Record<string, unknown>>;
+}
+
 export interface PoolRegistryOptions {
   /** Monotonic clock in milliseconds for outlier detection. Default performance.now. */
   readonly now?: () => number;
@@ -27,11 +40,12 @@ export class PoolRegistry {
     this.#now = opts.now ?? (() => performance.now());
   }
 
-  acquire(origin: string, settings: PoolSettings): { key: string; pool: Pool } {
-    const key = `${origin}|${settings.maxConnections}|${settings.connectTimeoutMs}|${settings.idleTimeoutMs}|${settings.maxRequestsPerConnection}`;
+  acquire(origin: string, settings: PoolSettings, connect?: ConnectOptions): { key: string; pool: Pool } {
+    const key = `${origin}|${settings.maxConnections}|${settings.connectTimeoutMs}|${settings.idleTimeoutMs}|${settings.maxRequestsPerConnection}|${connect?.key ?? ''}`;
     let entry = this.#pools.get(key);
     if (entry === undefined) {
       const pool = new Pool(origin, {
+        ...(connect === undefined ? {} : { connect: { ...connect.options } }),
         connections: settings.maxConnections,
         pipelining: 1,
         connectTimeout: settings.connectTimeoutMs,
@@ -150,7 +164,7 @@ export class RuntimeCluster {
   #healthyRr: readonly RuntimeEndpoint[] = [];
   #healthyVersion = -1;
 
-  constructor(config: CompiledCluster, pools: PoolRegistry, telemetry: Telemetry) {
+  constructor(config: CompiledCluster, pools: PoolRegistry, telemetry: Telemetry, connect?: ConnectOptions) {
     this.config = config;
     const base = {
       service: config.host,
@@ -160,11 +174,11 @@ export class RuntimeCluster {
     };
     this.metrics = telemetry.slot({ ...base, workload: 'unknown', app: 'unknown', version: 'unknown' });
     this.endpoints = config.endpoints.map((ep) => {
-      const origin = `http://${ep.address.includes(':') ? `[${ep.address}]` : ep.address}:${ep.port}`;
+      const origin = `${connect?.tls === true ? 'https' : 'http'}://${ep.address.includes(':') ? `[${ep.address}]` : ep.address}:${ep.port}`;
       const app = ep.labels.app ?? 'unknown';
       const version = ep.labels.version ?? 'unknown';
       const workload = ep.labels.workload ?? (ep.labels.app !== undefined ? (ep.labels.version !== undefined ? `${app}-${version}` : app) : 'unknown');
-      return new RuntimeEndpoint(ep, pools.acquire(origin, config.pool), telemetry.slot({ ...base, workload, app, version }));
+      return new RuntimeEndpoint(ep, pools.acquire(origin, config.pool, connect), telemetry.slot({ ...base, workload, app, version }));
     });
     this.#limit = Math.min(config.pool.maxConnections + config.pool.maxPendingRequests, config.pool.maxRequests);
     // Weighted round robin: each endpoint appears weight/gcd times, interleaved.
