@@ -568,7 +568,8 @@ describe('validation: the examples', () => {
     assert.deepEqual(result.config.diagnostics.map(formatDiagnostic), []);
     assert.equal(result.config.listeners.length, 1);
     assert.equal(result.config.egress, undefined);
-    // With the egress gateway: egress.yaml's httpbin.org, REGISTRY_ONLY from its MeshConfig, still no warning.
+    // With the egress gateway: egress.yaml's partner API (an IP-literal endpoint, so allowed to the
+    // SSRF guard) and httpbin.org, REGISTRY_ONLY from its MeshConfig, still no warning.
     const withEgress = compile(load, { gatewayLabels: GATEWAY_LABELS, egress: { port: 15001 } });
     assert.equal(withEgress.ok, true, withEgress.ok ? '' : withEgress.diagnostics.map(formatDiagnostic).join('\n'));
     if (!withEgress.ok) return;
@@ -577,7 +578,7 @@ describe('validation: the examples', () => {
       listener: 'egress_15001',
       mode: 'REGISTRY_ONLY',
       modeSource: 'MeshConfig/istio-system/mesh',
-      allowedAddresses: [],
+      allowedAddresses: ['127.0.0.1'],
     });
     assert.deepEqual(
       withEgress.config.listeners.map((l) => [l.name, l.role]),
