@@ -1,8 +1,9 @@
 // Side-by-side benchmark: direct upstream vs nginx reverse proxy vs meshgate,
-// in up to four scenarios: HTTP/1.1 (wrk), HTTP/2 h2c to the proxy with
-// HTTP/1.1 behind it (h2load), gRPC unary over h2c end to end (h2load), and
-// the edge chain (wrk): one meshgate process, its plain route next to a route
-// behind JWT + authorization + a Redis-backed quota.
+// in up to five scenarios: HTTP/1.1 (wrk), HTTP/2 h2c to the proxy with
+// HTTP/1.1 behind it (h2load), gRPC unary over h2c end to end (h2load), the
+// edge chain (wrk): one meshgate process, its plain route next to a route
+// behind JWT + authorization + a Redis-backed quota, and egress (wrk):
+// meshgate's egress listener as a forward proxy next to a direct call.
 //
 //   npm run bench                                   (repo root, defaults: --scenario http1)
 //   node_modules/.bin/node loadtest/src/bench.ts --scenario all --json out.json
@@ -21,18 +22,21 @@ import { availableParallelism, cpus, release, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import {
+  EGRESS_HOST,
   GRPC_PATH,
   GRPC_REPLY,
   GRPC_REQUEST,
   GRPC_UPSTREAM_SCRIPT,
   type MeshgateProtocols,
   meshgateEdgePolicies,
+  meshgateEgressPolicies,
   meshgatePolicies,
   NODE_UPSTREAM_SCRIPT,
   nginxGrpcProxyConf,
   nginxProxyConf,
   nginxUpstreamConf,
   UPSTREAM_BODY,
+  wrkProxyScript,
 } from './configs.ts';
 import { busyFraction, type CpuSample, foreignCores, groupTicks, sampleCpu } from './cpu.ts';
 import { EDGE_AUDIENCE, EDGE_GROUP, EDGE_ISSUER, EDGE_PATH, edgeProbeCases, makeEdgeAuth } from './edge.ts';
@@ -42,11 +46,21 @@ import { findExecutable, type Managed, runCaptured, Supervisor, tail } from './p
 import { CommandCounter, redisCommand } from './redis.ts';
 import { errorCount, parseWrk, type WrkResult } from './wrk.ts';
 
-/** `meshgate-edge` exists in the edge scenario only (the other scenarios ignore it in --targets). */
-const TARGET_NAMES = ['direct', 'nginx', 'meshgate', 'meshgate-edge'] as const;
+/**
+ * `meshgate-edge` exists in the edge scenario only, `meshgate-egress` in the egress scenario only
+ * (the other scenarios ignore them in --targets; egress ignores nginx and meshgate).
+ */
+const TARGET_NAMES = ['direct', 'nginx', 'meshgate', 'meshgate-edge', 'meshgate-egress'] as const;
 type TargetName = (typeof TARGET_NAMES)[number];
-const SCENARIO_NAMES = ['http1', 'h2', 'grpc', 'edge'] as const;
+const SCENARIO_NAMES = ['http1', 'h2', 'grpc', 'edge', 'egress'] as const;
 type ScenarioName = (typeof SCENARIO_NAMES)[number];
+
+/** The targets each scenario can run (those of --targets outside this list are ignored there). */
+function scenarioTargets(s: ScenarioName): readonly TargetName[] {
+  if (s === 'edge') return ['direct', 'nginx', 'meshgate', 'meshgate-edge'];
+  if (s === 'egress') return ['direct', 'meshgate-egress'];
+  return ['direct', 'nginx', 'meshgate'];
+}
 
 interface Target {
   name: TargetName;
@@ -61,6 +75,8 @@ interface Target {
   probe: (() => Promise<string | null>) | undefined;
   /** Extra request headers for the load tool (wrk `-H`), e.g. the edge route's Authorization. */
   headers?: string[];
+  /** wrk Lua script (`-s`), e.g. the egress target's absolute-form request line. */
+  script?: string;
   /** Edge: the Redis whose commands are counted around each run of this target. */
   redis?: CommandCounter;
 }
@@ -122,20 +138,23 @@ interface Stats {
 
 const USAGE = `usage: node loadtest/src/bench.ts [options]     (npm run bench: defaults)
 
-  --scenario S      http1 | h2 | grpc | edge | all       (default http1)
-                      http1: HTTP/1.1 keep-alive, wrk
-                      h2:    h2c to the proxy, HTTP/1.1 to the upstream, h2load
-                      grpc:  gRPC unary, h2c on both sides, h2load
-                      edge:  HTTP/1.1, wrk: meshgate's plain route vs a route behind
-                             JWT (RS256) + AuthorizationPolicy + Quota in redis-server
+  --scenario S      http1 | h2 | grpc | edge | egress | all   (default http1)
+                      http1:  HTTP/1.1 keep-alive, wrk
+                      h2:     h2c to the proxy, HTTP/1.1 to the upstream, h2load
+                      grpc:   gRPC unary, h2c on both sides, h2load
+                      edge:   HTTP/1.1, wrk: meshgate's plain route vs a route behind
+                              JWT (RS256) + AuthorizationPolicy + Quota in redis-server
+                      egress: HTTP/1.1, wrk: absolute-form GETs through meshgate's egress
+                              listener (forward proxy) vs the upstream direct
   --duration N      seconds per measured run             (default 5, 1..60)
   --rounds N        alternating rounds over all targets  (default 3, 1..10)
-  --connections N   wrk connections (wrk uses 1 thread)  (default 50, 1..1000; http1, edge)
+  --connections N   wrk connections (wrk uses 1 thread)  (default 50, 1..1000; http1, edge, egress)
   --h2-clients N    h2load connections (1 thread)        (default 10, 1..1000; h2, grpc)
   --streams N       h2load concurrent streams per client (default 10, 1..100; h2, grpc)
   --warmup N        warm-up seconds per target           (default 2, 0..30)
-  --targets LIST    comma list of direct,nginx,meshgate,meshgate-edge (default all;
-                    meshgate-edge only exists in the edge scenario)
+  --targets LIST    comma list of direct,nginx,meshgate,meshgate-edge,meshgate-egress
+                    (default all; meshgate-edge only exists in edge, meshgate-egress only
+                    in egress, which has no nginx or meshgate target)
   --json PATH       also write the JSON result to PATH (relative to the cwd)
   --gateway-cli F   meshgate CLI to run (default gateway/src/cli.ts of this checkout)
   --access-log      proxies log every request to a file in the temp dir
@@ -300,6 +319,41 @@ function statusProbe(url: string, headers: Record<string, string>, expectStatus:
   };
 }
 
+/**
+ * A GET through a forward proxy: connects to 127.0.0.1:`proxyPort` and sends the request line in
+ * absolute form (`GET http://host:port/path HTTP/1.1`) with Host = the URL's authority, as an
+ * HTTP_PROXY client does.
+ */
+function proxyGet(proxyPort: number, absoluteUrl: string, timeoutMs: number): Promise<{ status: number; body: string }> {
+  return new Promise((res, rej) => {
+    const req = request(
+      { host: '127.0.0.1', port: proxyPort, method: 'GET', path: absoluteUrl, agent: false, headers: { host: new URL(absoluteUrl).host, connection: 'close' } },
+      (resp) => {
+        let body = '';
+        resp.setEncoding('utf8');
+        resp.on('data', (d: string) => {
+          if (body.length < 65_536) body += d;
+        });
+        resp.on('end', () => res({ status: resp.statusCode ?? 0, body }));
+        resp.on('error', rej);
+      },
+    );
+    req.setTimeout(timeoutMs, () => req.destroy(new Error(`timeout after ${timeoutMs} ms`)));
+    req.on('error', rej);
+    req.end();
+  });
+}
+
+/** `statusProbe` through a forward proxy: null when the absolute-form GET answers as expected, else what it got. */
+function forwardProbe(proxyPort: number, absoluteUrl: string, expectStatus: number, expectBody?: string): () => Promise<string | null> {
+  return async () => {
+    const r = await proxyGet(proxyPort, absoluteUrl, 1000);
+    if (r.status !== expectStatus) return `HTTP ${r.status} ${JSON.stringify(r.body.slice(0, 120))}, expected ${expectStatus}`;
+    if (expectBody !== undefined && r.body !== expectBody) return `body ${JSON.stringify(r.body.slice(0, 120))}, expected ${JSON.stringify(expectBody)}`;
+    return null;
+  };
+}
+
 /** Fraction of all CPUs busy over `ms` (0..1): other work on the machine skews results. */
 async function cpuBusy(ms: number): Promise<number> {
   const snap = () => cpus().map((c) => c.times);
@@ -449,6 +503,7 @@ const SCENARIO_TITLES: Record<ScenarioName, string> = {
   h2: 'GET / → 6-byte body, h2c (prior knowledge) client → proxy, HTTP/1.1 keep-alive proxy → upstream',
   grpc: `gRPC unary POST ${GRPC_PATH} (${GRPC_REQUEST.length}-byte message → ${GRPC_REPLY.length}-byte reply + grpc-status 0), h2c both sides`,
   edge: `GET ${EDGE_PATH} + Bearer JWT through jwt_authn (RS256) → RBAC ALLOW → Redis quota, vs GET / on the same gateway's plain route; HTTP/1.1 keep-alive`,
+  egress: `GET http://${EGRESS_HOST}:<upstream port>/ (absolute form) through meshgate's egress listener (forward proxy) → 6-byte body, vs the upstream direct; HTTP/1.1 keep-alive`,
 };
 
 /** The issue's target for the edge chain (informational: a MISS is printed, never fails the bench). */
@@ -473,7 +528,7 @@ const LATENCY_COLS: Record<'wrk' | 'h2load', [string, 'p50Ms' | 'p99Ms' | 'meanM
 
 async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioReport> {
   const { sup, tmp, wanted, duration, rounds, warmup, connections, h2Clients, streams, accessLog, pin, loadCpu, clkTck, nginx } = ctx;
-  const tool: 'wrk' | 'h2load' = scenario === 'http1' || scenario === 'edge' ? 'wrk' : 'h2load';
+  const tool: 'wrk' | 'h2load' = scenario === 'h2' || scenario === 'grpc' ? 'h2load' : 'wrk';
   const started: Managed[] = [];
   const start = (name: string, [cmd, args]: [string, string[]], logName: string, cwd?: string): Managed => {
     const m = sup.start(name, cmd, args, cwd === undefined ? { logPath: join(tmp, logName) } : { logPath: join(tmp, logName), cwd });
@@ -550,7 +605,8 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
     };
 
     // --- nginx proxy -------------------------------------------------------
-    if (wanted.includes('nginx') && nginx !== undefined) {
+    // (egress has no nginx target: the question is the egress hop against a direct call.)
+    if (scenario !== 'egress' && wanted.includes('nginx') && nginx !== undefined) {
       const port = await freePort();
       const conf = join(tmp, `proxy-${scenario}.conf`);
       const alog = accessLog ? nginxAccessLog : undefined;
@@ -569,13 +625,21 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
     // --- meshgate ----------------------------------------------------------
     // edge: one process, two routes (plain `/` and the protected `/api/`), both targets; the Quota's
     // counters live in a redis-server of the bench's own.
+    // egress: one process with no Gateway at all, only the egress listener (forward proxy) on a port of
+    // its own; one MESH_EXTERNAL ServiceEntry declares the upstream as an external host.
     let meshgate: Managed | undefined;
     const edgeWanted = scenario === 'edge' && wanted.includes('meshgate-edge');
+    const egressScenario = scenario === 'egress';
     /** Edge: the status matrix of the chain before load (name → 'ok' or what was wrong). */
     const edgeChecks: Record<string, string> = {};
+    /** Egress: what the egress listener answered before load (name → 'ok' or what was wrong). */
+    const egressChecks: Record<string, string> = {};
+    /** Egress: the absolute-form URL wrk and the probes send through the egress listener. */
+    const egressUrl = `http://${EGRESS_HOST}:${upstreamPort}/`;
     let edgeTokenBytes = 0;
-    if (wanted.includes('meshgate') || edgeWanted) {
+    if (egressScenario ? wanted.includes('meshgate-egress') : wanted.includes('meshgate') || edgeWanted) {
       const gatewayPort = await freePort();
+      const egressPort = egressScenario ? await freePort() : 0;
       const adminPort = await freePort();
       const metricsPort = await freePort();
       const policiesDir = join(tmp, `policies-${scenario}`);
@@ -628,6 +692,8 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
           join(policiesDir, 'bench.yaml'),
           meshgateEdgePolicies(gatewayPort, upstreamPort, { jwks: edgeAuth.jwks, issuer: EDGE_ISSUER, audience: EDGE_AUDIENCE, group: EDGE_GROUP }),
         );
+      } else if (egressScenario) {
+        writeFileSync(join(policiesDir, 'bench.yaml'), meshgateEgressPolicies(upstreamPort));
       } else {
         writeFileSync(join(policiesDir, 'bench.yaml'), meshgatePolicies(gatewayPort, upstreamPort, proto));
       }
@@ -636,9 +702,9 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
         'gateway',
         '--policies',
         policiesDir,
-        // No egress listener: the scenarios measure ingress, and a fixed port could be taken.
-        '--egress-port',
-        '0',
+        // The egress listener only where it is measured, on a free loopback port (the default 15443
+        // could be taken); the other scenarios measure ingress and turn it off.
+        ...(egressScenario ? ['--egress-port', String(egressPort), '--egress-bind', '127.0.0.1'] : ['--egress-port', '0']),
         '--bind-address',
         '127.0.0.1',
         '--admin-port',
@@ -652,14 +718,79 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
       meshgate = start('meshgate', ctx.onProxyCpu(process.execPath, args), `meshgate-${scenario}.out`, REPO_ROOT);
       const t0 = Date.now();
       await waitForHttp(meshgate, `http://127.0.0.1:${adminPort}/ready`, READY_TIMEOUT_MS);
-      log(
-        `meshgate ready after ${((Date.now() - t0) / 1000).toFixed(1)} s (admin :${adminPort}; Gateway ${proto.listener}, ServiceEntry ${proto.upstream}${scenario === 'edge' ? '; quota store redis' : ''})`,
-      );
+      const listenerDesc = egressScenario
+        ? `egress listener 127.0.0.1:${egressPort}, no Gateway; ServiceEntry ${EGRESS_HOST} MESH_EXTERNAL STATIC 127.0.0.1, REGISTRY_ONLY`
+        : `Gateway ${proto.listener}, ServiceEntry ${proto.upstream}${scenario === 'edge' ? '; quota store redis' : ''}`;
+      log(`meshgate ready after ${((Date.now() - t0) / 1000).toFixed(1)} s (admin :${adminPort}; ${listenerDesc})`);
       // Ready must mean routable: the route has to answer with the upstream's body (gRPC: reply + grpc-status 0).
-      await waitRouting(meshgate, gatewayPort, 5000);
-      log(`meshgate routing ${proxyUrl(gatewayPort)} -> ${upstreamDesc.split(':')[0]} :${upstreamPort}`);
+      if (egressScenario) {
+        await waitFor(
+          meshgate,
+          `GET ${egressUrl} via 127.0.0.1:${egressPort} → 200 ${JSON.stringify(UPSTREAM_BODY)}`,
+          5000,
+          forwardProbe(egressPort, egressUrl, 200, UPSTREAM_BODY),
+        );
+        log(`meshgate egress routing ${egressUrl} (proxy 127.0.0.1:${egressPort}) -> ${upstreamDesc.split(':')[0]} 127.0.0.1:${upstreamPort}`);
+      } else {
+        await waitRouting(meshgate, gatewayPort, 5000);
+        log(`meshgate routing ${proxyUrl(gatewayPort)} -> ${upstreamDesc.split(':')[0]} :${upstreamPort}`);
+      }
       const procs = redis === undefined ? [upstream, meshgate] : [upstream, meshgate, redis];
-      if (wanted.includes('meshgate')) {
+      if (egressScenario) {
+        // Before any load: the egress listener must forward the declared host and refuse everything
+        // else, so the bench can never measure 403s as if they were the route.
+        const cases: { name: string; url: string; status: number; body?: string; why: string }[] = [
+          { name: 'declared', url: egressUrl, status: 200, body: UPSTREAM_BODY, why: 'the ServiceEntry host and port: forwarded to the upstream' },
+          {
+            name: 'undeclaredHost',
+            url: `http://undeclared.bench.test:${upstreamPort}/`,
+            status: 403,
+            why: 'a host no ServiceEntry declares (REGISTRY_ONLY)',
+          },
+          {
+            name: 'undeclaredPort',
+            url: `http://${EGRESS_HOST}:${upstreamPort === 1 ? 2 : 1}/`,
+            status: 403,
+            why: 'the declared host on a port it does not declare',
+          },
+          {
+            name: 'upstreamIpLiteral',
+            url: `http://127.0.0.1:${upstreamPort}/`,
+            status: 403,
+            why: 'the upstream by IP literal: no ServiceEntry declares it as a host',
+          },
+        ];
+        const bad: string[] = [];
+        for (const c of cases) {
+          let why: string | null;
+          try {
+            why = await forwardProbe(egressPort, c.url, c.status, c.body)();
+          } catch (err) {
+            why = (err as Error).message;
+          }
+          egressChecks[c.name] = why ?? 'ok';
+          if (why !== null) bad.push(`  ${c.name}: GET ${c.url} via the egress listener → ${why} [${c.why}]`);
+        }
+        if (bad.length > 0) {
+          const t = tail(meshgate.logPath);
+          throw new BenchError(
+            `egress probe failed before load: the egress listener does not answer as the policies say, so its numbers would mean nothing:\n${bad.join('\n')}${t ? `\n--- last output of meshgate ---\n${t.trimEnd()}\n---` : ''}`,
+          );
+        }
+        log(`egress ok: ${EGRESS_HOST}:${upstreamPort} 200 with the upstream body; undeclared host, undeclared port, upstream IP literal 403`);
+        const script = join(tmp, 'egress.lua');
+        writeFileSync(script, wrkProxyScript(egressUrl, `${EGRESS_HOST}:${upstreamPort}`));
+        targets.push({
+          name: 'meshgate-egress',
+          url: `http://127.0.0.1:${egressPort}/`,
+          procs,
+          measured: meshgate,
+          proxied: true,
+          probe: forwardProbe(egressPort, egressUrl, 200, UPSTREAM_BODY),
+          script,
+        });
+      }
+      if (!egressScenario && wanted.includes('meshgate')) {
         targets.push({
           name: 'meshgate',
           url: proxyUrl(gatewayPort),
@@ -737,7 +868,9 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
           ? 'HTTP/2 200, application/grpc, expected reply, grpc-status 0'
           : scenario === 'h2'
             ? 'h2c 200 with the upstream body'
-            : 'HTTP/1.1 200 with the upstream body (meshgate-edge: with the load token)';
+            : scenario === 'egress'
+              ? `HTTP/1.1 200 with the upstream body for GET ${egressUrl} (absolute form) via the egress listener`
+              : 'HTTP/1.1 200 with the upstream body (meshgate-edge: with the load token)';
       log(`probe ok via ${probed.map((t) => t.name).join(', ')}: ${what}`);
     }
 
@@ -750,7 +883,18 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
     const loadArgs = (t: Target, seconds: number): [string, string[]] => {
       if (tool === 'wrk') {
         const headerArgs = (t.headers ?? []).flatMap((h) => ['-H', h]);
-        return ctx.onLoadCpu(ctx.wrk as string, ['-t1', `-c${connections}`, `-d${seconds}s`, '--timeout', '5s', '--latency', ...headerArgs, t.url]);
+        const scriptArgs = t.script === undefined ? [] : ['-s', t.script];
+        return ctx.onLoadCpu(ctx.wrk as string, [
+          '-t1',
+          `-c${connections}`,
+          `-d${seconds}s`,
+          '--timeout',
+          '5s',
+          '--latency',
+          ...headerArgs,
+          ...scriptArgs,
+          t.url,
+        ]);
       }
       const grpcArgs = dataFile === undefined ? [] : ['-d', dataFile, '-H', 'content-type: application/grpc', '-H', 'te: trailers'];
       return ctx.onLoadCpu(ctx.h2load as string, [
@@ -770,7 +914,7 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
     };
     const toolCmd =
       tool === 'wrk'
-        ? `wrk -t1 -c${connections} -d${duration}s --timeout 5s --latency${scenario === 'edge' ? ` (meshgate-edge: -H 'Authorization: Bearer <${edgeTokenBytes}-byte RS256 JWT>' ${EDGE_PATH})` : ''}`
+        ? `wrk -t1 -c${connections} -d${duration}s --timeout 5s --latency${scenario === 'edge' ? ` (meshgate-edge: -H 'Authorization: Bearer <${edgeTokenBytes}-byte RS256 JWT>' ${EDGE_PATH})` : ''}${scenario === 'egress' ? ` (meshgate-egress: -s <script: request line "GET ${egressUrl} HTTP/1.1", Host ${EGRESS_HOST}:${upstreamPort}> http://127.0.0.1:<egress port>/)` : ''}`
         : `h2load -t1 -c${h2Clients} -m${streams} -D${duration} -N5s${scenario === 'grpc' ? ` -d <${GRPC_REQUEST.length}-byte message> -H 'content-type: application/grpc' -H 'te: trailers'` : ''}`;
     const ncpu = cpus().length || 1;
     /** Requests completed per target, warm-up included (to compare with access-log lines). */
@@ -856,7 +1000,7 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
         .map(([label, key]) => `${label.replace(' ms', '')} ${fmt((r as unknown as Record<string, number>)[key] ?? Number.NaN, 3)} ms`)
         .join('  ');
       log(
-        `${scenario} ${label} ${pad(t.name, 13)} ${fmt(r.rps, 0).padStart(7)} rps  ${lat}  ${fmt(r.cpuUsPerReq ?? Number.NaN, 2)} CPU µs/req (${fmt(r.cpuCores ?? Number.NaN, 2)} cores)${load}${other}${redisNote}${r.errors ? `  ERRORS ${r.errors} (${errorDetail(r)})` : ''}`,
+        `${scenario} ${label} ${pad(t.name, 15)} ${fmt(r.rps, 0).padStart(7)} rps  ${lat}  ${fmt(r.cpuUsPerReq ?? Number.NaN, 2)} CPU µs/req (${fmt(r.cpuCores ?? Number.NaN, 2)} cores)${load}${other}${redisNote}${r.errors ? `  ERRORS ${r.errors} (${errorDetail(r)})` : ''}`,
       );
       sent.set(t.name, (sent.get(t.name) ?? 0) + r.requests);
       return r;
@@ -1021,6 +1165,46 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
         invalid: edgeInvalid ?? null,
       };
     }
+    // --- egress: the forward-proxy hop against a direct call ------------------------------------
+    const egressLines: string[] = [];
+    let egressJson: Record<string, unknown> | null = null;
+    if (scenario === 'egress') {
+      ratios['meshgate-egress/direct'] = ratio('meshgate-egress', 'direct');
+      ratios['meshgate-egress/direct cpuPerRequest'] = cpuRatio('meshgate-egress', 'direct');
+      const rpsRatio = ratios['meshgate-egress/direct'] ?? null;
+      const directS = stats.get('direct');
+      const egressS = stats.get('meshgate-egress');
+      const egressUs = egressS?.cpuUsPerReq ?? Number.NaN;
+      const directUs = directS?.cpuUsPerReq ?? Number.NaN;
+      const viaUs = egressS?.upstreamUsPerReq ?? Number.NaN;
+      const cpuCapacity = Number.isFinite(egressUs) && egressUs > 0 ? 1e6 / egressUs : Number.NaN;
+      egressLines.push(
+        `egress hop vs a direct call (same rounds; meshgate-egress: absolute-form GET ${egressUrl} through the egress listener, routed by the ServiceEntry host and port to its STATIC endpoint on a keep-alive pool):`,
+      );
+      egressLines.push(
+        `${pad('  meshgate-egress/direct rps', 34)}${rpsRatio === null ? 'n/a  (needs direct and meshgate-egress in --targets)' : `${rpsRatio.toFixed(3)}  (through the egress listener ${fmt(egressS?.rps ?? Number.NaN, 0)} rps vs direct ${fmt(directS?.rps ?? Number.NaN, 0)} rps)`}`,
+      );
+      egressLines.push(
+        `${pad('  meshgate-egress CPU µs/req', 34)}${Number.isFinite(egressUs) ? `${fmt(egressUs, 2)}  (meshgate's own CPU per forwarded request, ${fmt(egressS?.cpuCores ?? Number.NaN, 2)} cores: by CPU alone its core carries ~${fmt(cpuCapacity, 0)} rps)` : 'n/a  (meshgate-egress not run)'}`,
+      );
+      egressLines.push(
+        `${pad('  upstream CPU µs/req', 34)}direct ${fmt(directUs, 2)}, via the egress listener ${fmt(viaUs, 2)} (what the upstream itself spends; direct's row is the upstream, not a proxy)`,
+      );
+      egressJson = {
+        host: EGRESS_HOST,
+        url: egressUrl,
+        requestForm: 'absolute-form request line, Host = the URL authority (wrk -s script)',
+        serviceEntry: 'MESH_EXTERNAL, resolution STATIC, endpoint 127.0.0.1 (IP literal: no name resolution), REGISTRY_ONLY',
+        directRps: directS?.rps ?? null,
+        egressRps: egressS?.rps ?? null,
+        rpsRatio,
+        egressCpuUsPerReq: Number.isFinite(egressUs) ? egressUs : null,
+        egressCpuCapacityRps: Number.isFinite(cpuCapacity) ? cpuCapacity : null,
+        directUpstreamCpuUsPerReq: Number.isFinite(directUs) ? directUs : null,
+        egressUpstreamCpuUsPerReq: Number.isFinite(viaUs) ? viaUs : null,
+        probesBeforeLoad: egressChecks,
+      };
+    }
     const totalErrors = [...stats.values()].reduce((a, s) => a + s.errors, 0);
     const totalWarmupErrors = Object.values(warmupErrors).reduce((a, n) => a + n, 0);
     const valid = totalErrors === 0 && badAfter.length === 0 && edgeInvalid === undefined;
@@ -1035,7 +1219,7 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
     out.push('');
     const loadCol = `CPU ${pin ? loadCpu : '?'} busy`;
     const latCols = LATENCY_COLS[tool];
-    const nameW = scenario === 'edge' ? 15 : 10;
+    const nameW = Math.max(10, ...targets.map((t) => t.name.length + 2));
     const header = `${pad('target', nameW)}${pad('rps', 10, true)}${latCols.map(([label]) => pad(label, 10, true)).join('')}${pad('rps min..max', 20, true)}${pad('errors', 9, true)}${pad('CPU µs/req', 13, true)}${pad('CPU cores', 11, true)}${pad(loadCol, 13, true)}`;
     out.push(header);
     out.push('-'.repeat(header.length));
@@ -1053,7 +1237,9 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
     }
     out.push('CPU µs/req, CPU cores: utime+stime from /proc of the process under test per completed request / per second:');
     out.push(
-      `  nginx = proxy master+worker, meshgate${scenario === 'edge' ? ' and meshgate-edge = the same' : ' ='} node process (all threads), direct = the upstream itself.`,
+      scenario === 'egress'
+        ? '  meshgate-egress = the meshgate node process (all threads), direct = the upstream itself.'
+        : `  nginx = proxy master+worker, meshgate${scenario === 'edge' ? ' and meshgate-edge = the same' : ' ='} node process (all threads), direct = the upstream itself.`,
     );
     out.push(
       pin
@@ -1067,23 +1253,29 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
       const v = ratios[k] ?? null;
       out.push(`${pad(`${k} rps`, 24)}${v === null ? 'n/a' : v.toFixed(3)}${v === null ? `  (${why})` : ''}`);
     };
-    const noNginx = nginx === undefined ? 'nginx not installed: apt-get install -y nginx-light' : 'nginx not in --targets';
-    showRatio('meshgate/nginx', wanted.includes('meshgate') ? noNginx : 'meshgate not in --targets');
-    showRatio('meshgate/direct', 'needs meshgate and direct');
-    showRatio('nginx/direct', noNginx);
-    const eff = ratios['nginx/meshgate cpuPerRequest'] ?? null;
-    const more = ratios['meshgate/nginx cpuPerRequest'] ?? null;
-    out.push(
-      `${pad('nginx/meshgate CPU/req', 24)}${eff === null || more === null ? 'n/a  (needs nginx and meshgate)' : `${eff.toFixed(3)}  (meshgate spends ${more.toFixed(2)}× nginx's CPU per request)`}`,
-    );
-    out.push('');
+    if (scenario !== 'egress') {
+      // (egress has neither nginx nor the ingress meshgate target: its own lines follow.)
+      const noNginx = nginx === undefined ? 'nginx not installed: apt-get install -y nginx-light' : 'nginx not in --targets';
+      showRatio('meshgate/nginx', wanted.includes('meshgate') ? noNginx : 'meshgate not in --targets');
+      showRatio('meshgate/direct', 'needs meshgate and direct');
+      showRatio('nginx/direct', noNginx);
+      const eff = ratios['nginx/meshgate cpuPerRequest'] ?? null;
+      const more = ratios['meshgate/nginx cpuPerRequest'] ?? null;
+      out.push(
+        `${pad('nginx/meshgate CPU/req', 24)}${eff === null || more === null ? 'n/a  (needs nginx and meshgate)' : `${eff.toFixed(3)}  (meshgate spends ${more.toFixed(2)}× nginx's CPU per request)`}`,
+      );
+      out.push('');
+    }
+    if (egressLines.length > 0) out.push(...egressLines, '');
     if (edgeLines.length > 0) out.push(...edgeLines, '');
     const validWhat =
       scenario === 'edge'
         ? 'no socket errors and no non-2xx/3xx responses (a 401/403/429 from the chain counts), 200 on the probes after load, quota lease calls seen in Redis'
-        : tool === 'wrk'
-          ? 'no socket errors and no non-2xx/3xx responses'
-          : `2xx = requests done, no 3xx/4xx/5xx, no failed/errored/timed-out requests${scenario === 'grpc' ? ', grpc-status 0 on the probe calls before and after load' : ''}`;
+        : scenario === 'egress'
+          ? 'no socket errors and no non-2xx/3xx responses (a 403 from the egress listener counts), 200 with the upstream body on the probe after load'
+          : tool === 'wrk'
+            ? 'no socket errors and no non-2xx/3xx responses'
+            : `2xx = requests done, no 3xx/4xx/5xx, no failed/errored/timed-out requests${scenario === 'grpc' ? ', grpc-status 0 on the probe calls before and after load' : ''}`;
     if (valid) {
       out.push(`valid: ${validWhat} in ${rounds * targets.length} measured runs`);
     } else {
@@ -1142,7 +1334,7 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
       const files: [string, string, TargetName[]][] = [
         ['nginx', nginxAccessLog, ['nginx']],
         // edge: one meshgate process serves both routes, into one file.
-        [scenario === 'edge' ? 'meshgate (both routes)' : 'meshgate', meshgateAccessLog, ['meshgate', 'meshgate-edge']],
+        [scenario === 'edge' ? 'meshgate (both routes)' : 'meshgate', meshgateAccessLog, ['meshgate', 'meshgate-edge', 'meshgate-egress']],
       ];
       for (const [label, path, names] of files) {
         const ran = names.filter((n) => proxiedNames.has(n));
@@ -1196,6 +1388,7 @@ async function runScenario(ctx: Ctx, scenario: ScenarioName): Promise<ScenarioRe
       ratios,
       probes: scenario === 'http1' ? null : probes,
       edge: edgeJson,
+      egress: egressJson,
       warmupErrors,
       accessLogLines: accessLog ? accessLogLines : null,
       noisy,
@@ -1260,6 +1453,13 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
     }
   }
   if (wanted.length === 0) throw new BenchError('--targets: empty');
+  // A scenario none of whose targets is wanted would measure nothing: say so before starting anything.
+  for (const s of scenarios) {
+    const known = scenarioTargets(s);
+    if (!known.some((t) => wanted.includes(t))) {
+      throw new BenchError(`--targets ${wanted.join(',')} has no target of --scenario ${s}, which runs ${known.join(', ')}`);
+    }
+  }
 
   // --- tools -------------------------------------------------------------
   const isH2load = (s: ScenarioName): boolean => s === 'h2' || s === 'grpc';
@@ -1312,7 +1512,7 @@ async function main(sup: Supervisor, tmpHolder: { dir: string | undefined }): Pr
     log('  install nginx with: apt-get install -y nginx-light');
   }
   const gatewayCli = resolve(values['gateway-cli']);
-  if ((wanted.includes('meshgate') || wanted.includes('meshgate-edge')) && !existsSync(gatewayCli)) {
+  if (['meshgate', 'meshgate-edge', 'meshgate-egress'].some((t) => wanted.includes(t)) && !existsSync(gatewayCli)) {
     throw new BenchError(`meshgate CLI not found at ${gatewayCli} (use --targets direct,nginx to skip it)`);
   }
 
