@@ -874,7 +874,8 @@ class Compiler {
         labels: ep.labels ?? {},
         weight: ep.weight ?? 1,
       }));
-    } else if (resolution === 'DNS' || resolution === 'DNS_ROUND_ROBIN') {
+    } else if (resolution === 'DNS' || resolution === 'DNS_ROUND_ROBIN' || (resolution === 'NONE' && isMeshExternal(entry.se))) {
+      // NONE on an external host (Istio: the original destination): the host itself, as asked.
       endpoints = entry.host.startsWith('*') ? [] : [{ address: entry.host, port: sePort.targetPort ?? sePort.number, labels: {}, weight: 1 }];
     } else endpoints = [];
     if (subsetLabels !== undefined) {

@@ -334,8 +334,17 @@ describe('egress: clusters', () => {
     );
   });
 
-  test('an exact host with no endpoints: the warning points at the ServiceEntry host', () => {
+  test('resolution NONE on an external host: the host itself, as asked (Istio: the original destination)', () => {
     const c = build([se('api', ['api.example.com'], { resolution: 'NONE' })]);
+    assert.deepEqual(
+      cluster(c, 'outbound|80||api.example.com').endpoints.map((e) => `${e.address}:${e.port}`),
+      ['api.example.com:80'],
+    );
+    assert.deepEqual(c.diagnostics, []);
+  });
+
+  test('an exact host with no endpoints: the warning points at the ServiceEntry host', () => {
+    const c = build([se('api', ['api.example.com'], { resolution: 'STATIC' })]);
     assert.equal(cluster(c, 'outbound|80||api.example.com').dynamicHost, false);
     expectDiag(c.diagnostics, {
       code: PolicyErrorCode.REFERENCE,
