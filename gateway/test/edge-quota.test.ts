@@ -5,16 +5,15 @@
  * redis-server (2 processes × 2 workers), a 3-master Cluster and a Sentinel-watched master.
  */
 import assert from 'node:assert/strict';
-import { type ChildProcessWithoutNullStreams, spawn } from 'node:child_process';
 import { Agent } from 'node:http';
 import { after, before, describe, test } from 'node:test';
-import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
 import type { Redis } from 'ioredis';
 import { exportJWK, generateKeyPair, SignJWT } from 'jose';
 import { type CreatedQuotaStore, createQuotaStore } from '../src/edge/quota-store.ts';
 import type { AccessLogRecord } from '../src/engine/accesslog.ts';
 import { compileQuota, type RedisQuotaStore } from '../src/engine/quota/index.ts';
+import { type Cli, startCli } from './cli-process.ts';
 import {
   counterValue,
   freePort,
@@ -36,7 +35,6 @@ import {
 } from './helpers.ts';
 import { client, kill, ready, type Server, spawnRedis, startCluster, startRedis, startSentinel } from './redis.ts';
 
-const CLI = fileURLToPath(new URL('../src/cli.ts', import.meta.url));
 const HOUR = 3_600_000;
 
 // ---------------------------------------------------------------------------------------------------
@@ -605,56 +603,6 @@ describe('Redis killed and restarted under an in-process gateway (createQuotaSto
 // ---------------------------------------------------------------------------------------------------
 // The CLI with workers
 
-type Line = Record<string, unknown>;
-
-/** The CLI in a process group of its own: its JSON log lines, and a kill that takes the workers along. */
-interface Cli {
-  readonly name: string;
-  readonly child: ChildProcessWithoutNullStreams;
-  readonly lines: Line[];
-  stderr: string;
-  readonly exit: Promise<unknown>;
-  killAll(): Promise<void>;
-}
-
-function startCli(name: string, args: readonly string[]): Cli {
-  const child = spawn(process.execPath, [CLI, 'gateway', '--egress-port', '0', ...args], { stdio: ['pipe', 'pipe', 'pipe'], detached: true });
-  const lines: Line[] = [];
-  let rest = '';
-  child.stdout.on('data', (d: Buffer) => {
-    rest += d.toString('utf8');
-    const parts = rest.split('\n');
-    rest = parts.pop() ?? '';
-    for (const p of parts) {
-      try {
-        lines.push(JSON.parse(p) as Line);
-      } catch {
-        lines.push({ unparsed: p });
-      }
-    }
-  });
-  const exit = new Promise((resolve) => child.once('exit', resolve));
-  const cli: Cli = {
-    name,
-    child,
-    lines,
-    stderr: '',
-    exit,
-    async killAll() {
-      try {
-        if (child.pid !== undefined) process.kill(-child.pid, 'SIGKILL');
-      } catch {
-        // Already gone.
-      }
-      if (child.exitCode === null && child.signalCode === null) await Promise.race([exit, new Promise((r) => setTimeout(r, 5000).unref())]);
-    },
-  };
-  child.stderr.on('data', (d: Buffer) => {
-    cli.stderr += d.toString('utf8');
-  });
-  return cli;
-}
-
 interface Started {
   readonly cli: Cli;
   readonly port: number;
@@ -665,21 +613,10 @@ interface Started {
 /** Spawns `meshgate gateway --workers 2` on a fixed free port; resolves once the primary says every worker is ready. */
 async function startGatewayCli(name: string, dir: string, store: readonly string[], clis: Cli[]): Promise<Started> {
   const port = await freePort();
-  const cli = startCli(name, [
-    '--policies',
-    dir,
-    '--workers',
-    '2',
-    ...store,
-    '--port-map',
-    `8080=${port}`,
-    '--bind-address',
-    '127.0.0.1',
-    '--admin-port',
-    '0',
-    '--metrics-port',
-    '0',
-  ]);
+  const cli = startCli(
+    ['--policies', dir, '--workers', '2', ...store, '--port-map', `8080=${port}`, '--bind-address', '127.0.0.1', '--admin-port', '0', '--metrics-port', '0'],
+    name,
+  );
   clis.push(cli);
   const started = await poll(
     `${name}: the primary to start`,

@@ -1,7 +1,6 @@
 import assert from 'node:assert/strict';
-import { type ChildProcessWithoutNullStreams, spawn } from 'node:child_process';
 import { after, before, describe, test } from 'node:test';
-import { fileURLToPath } from 'node:url';
+import { type Cli, type Line, startCli } from './cli-process.ts';
 import {
   counterValue,
   freePort,
@@ -16,8 +15,6 @@ import {
   writeYaml,
 } from './helpers.ts';
 
-const CLI = fileURLToPath(new URL('../src/cli.ts', import.meta.url));
-
 const vs = (extra = '') => `apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: api}
@@ -31,52 +28,6 @@ spec:
 const NEW_ROUTE = `
   - match: [{uri: {prefix: /new}}]
     directResponse: {status: 200, body: {string: "new route"}}`;
-
-type Line = Record<string, unknown>;
-
-/** The CLI in a process group of its own: its JSON log lines, and a kill that takes the workers along. */
-interface Cli {
-  readonly child: ChildProcessWithoutNullStreams;
-  readonly lines: Line[];
-  stderr: string;
-  exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-  killAll(): void;
-}
-
-function startCli(args: readonly string[]): Cli {
-  const child = spawn(process.execPath, [CLI, 'gateway', '--egress-port', '0', ...args], { stdio: ['pipe', 'pipe', 'pipe'], detached: true });
-  const lines: Line[] = [];
-  let rest = '';
-  child.stdout.on('data', (d: Buffer) => {
-    rest += d.toString('utf8');
-    const parts = rest.split('\n');
-    rest = parts.pop() ?? '';
-    for (const p of parts) {
-      try {
-        lines.push(JSON.parse(p) as Line);
-      } catch {
-        lines.push({ unparsed: p });
-      }
-    }
-  });
-  const cli: Cli = {
-    child,
-    lines,
-    stderr: '',
-    exit: new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal }))),
-    killAll() {
-      try {
-        if (child.pid !== undefined) process.kill(-child.pid, 'SIGKILL');
-      } catch {
-        // Already gone.
-      }
-    },
-  };
-  child.stderr.on('data', (d: Buffer) => {
-    cli.stderr += d.toString('utf8');
-  });
-  return cli;
-}
 
 const alive = (pid: number): boolean => {
   try {
@@ -144,7 +95,7 @@ describe('meshgate gateway --workers 2', () => {
   });
 
   after(async () => {
-    cli?.killAll();
+    await cli?.killAll();
     await backend?.close();
     await removeDir(dir);
   });
@@ -262,7 +213,7 @@ describe('meshgate gateway --workers 2', () => {
     const c = cli as Cli;
     const pids = (await serverInfo()).workers.map((w) => w.pid as number);
     c.child.kill('SIGTERM');
-    const timer = setTimeout(() => c.killAll(), 20_000);
+    const timer = setTimeout(() => void c.killAll(), 20_000);
     const { code, signal } = await c.exit;
     clearTimeout(timer);
     assert.deepEqual({ code, signal }, { code: 0, signal: null });
@@ -277,7 +228,7 @@ describe('meshgate gateway --workers 2 with an invalid configuration', () => {
   let dir: string | undefined;
   let cli: Cli | undefined;
   after(async () => {
-    cli?.killAll();
+    await cli?.killAll();
     await removeDir(dir);
   });
 
