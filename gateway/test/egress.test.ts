@@ -771,6 +771,84 @@ describe('egress SSRF guard through the forward proxy (ALLOW_ANY by root Sidecar
 // ---------------------------------------------------------------------------------------------------
 // 5. DNS rebinding: first answer allowed, every later one forbidden
 
+describe('egress hosts that a later URL parser would decode, WebSocket and HTTP/2 upstreams: all through the guard', () => {
+  const fx = useEgress(async () => {
+    const victim = await startFake('victim', { address: '127.0.0.1' });
+    const h2victim = await startFake('h2victim', { address: '127.0.0.1' });
+    return {
+      fakes: { victim, h2victim },
+      files: {
+        'mesh.yaml': meshConfig('ALLOW_ANY'),
+        // `localhost` declared but not listed: loopback is refused whatever the client protocol. (The name
+        // is one the system resolver also knows, so a WebSocket or HTTP/2 client that bypassed the
+        // guard would reach the fakes — and only this machine.)
+        'local.yaml': serviceEntry('local', ['localhost'], [{ number: victim.port }, { number: h2victim.port, protocol: 'HTTP2' }]),
+      },
+      dns: { localhost: ['127.0.0.1'] },
+    };
+  });
+
+  test('percent-encoded hosts (127%2e0%2e0%2e1, %31%32%37.0.0.1, 0x7f%2e1) are 400 and never dialled', async () => {
+    const { victim } = fx.fakes;
+    for (const h of ['127%2e0%2e0%2e1', '%31%32%37.0.0.1', '0x7f%2e1', '%6c%6f%63%61%6c%68%6f%73%74']) {
+      const r = await send(fx.port, `http://${h}:${victim.port}/`);
+      assert.equal(r.status, 400, `${h}: ${r.status} ${r.body}`);
+    }
+    assert.equal(victim.connections, 0);
+  });
+
+  test('CONNECT to a host no URL parser accepts is refused; the gateway keeps serving', async () => {
+    for (const target of ['a%2f.example.com:443', '[00000::1]:443', 'a b:443']) {
+      const t = await openTunnel(fx.port, target);
+      assert.ok(t.status === 400 || t.status === 403, `${target}: ${t.head}`);
+    }
+    const r = await send(fx.port, `http://127%2e1:${fx.fakes.victim.port}/`);
+    assert.equal(r.status, 400, 'still serving');
+  });
+
+  test('a WebSocket upgrade and an HTTP/2 upstream to a declared host resolving to loopback are refused; nothing dialled', async () => {
+    const { victim, h2victim } = fx.fakes;
+    const ws = await send(fx.port, `http://localhost:${victim.port}/ws`, {
+      headers: { connection: 'upgrade', upgrade: 'websocket', 'sec-websocket-key': 'dGhlIHNhbXBsZSBub25jZQ==', 'sec-websocket-version': '13' },
+    });
+    assert.notEqual(ws.status, 101, ws.body);
+    const h2 = await send(fx.port, `http://localhost:${h2victim.port}/h2`);
+    assert.ok(h2.status >= 400, `${h2.status} ${h2.body}`);
+    assert.equal(victim.connections, 0);
+    assert.equal(h2victim.connections, 0);
+  });
+});
+
+describe('egress address allowlists are per ServiceEntry: one entry listing an address does not open it to another', () => {
+  const fx = useEgress(async () => {
+    const partner = await startFake('partner', { address: '127.0.0.1' });
+    const internal = await startFake('internal', { address: '127.0.0.2' });
+    return {
+      fakes: { partner, internal },
+      files: {
+        // The partner may be reached on 127.0.0.1 (its listed address)…
+        'partner.yaml': serviceEntry('partner', ['api.partner.test'], [{ number: partner.port }], { addresses: ['127.0.0.1/32'] }),
+        // …and a wildcard entry lists 127.0.0.2 for its own hosts only.
+        'cdn.yaml': serviceEntry('cdn', ['*.cdn.test'], [{ number: internal.port }, { number: partner.port }], { addresses: ['127.0.0.2/32'] }),
+      },
+      dns: { 'api.partner.test': ['127.0.0.1'], 'evil.cdn.test': ['127.0.0.1'], 'img.cdn.test': ['127.0.0.2'] },
+    };
+  });
+
+  test("a wildcard host resolving to another ServiceEntry's address is 403; to its own, it passes", async () => {
+    const { partner, internal } = fx.fakes;
+    const ok = await send(fx.port, `http://api.partner.test:${partner.port}/quote`);
+    assert.equal(ok.status, 200, ok.body);
+    const before = partner.connections;
+    const stolen = await send(fx.port, `http://evil.cdn.test:${partner.port}/quote`);
+    assert.equal(stolen.status, 403, stolen.body);
+    assert.equal(stolen.body, FORBIDDEN_BODY);
+    assert.equal(partner.connections, before, "the partner's address was not dialled for the cdn entry");
+    const own = await send(fx.port, `http://img.cdn.test:${internal.port}/a.png`);
+    assert.equal(own.status, 200, own.body);
+  });
+});
+
 describe('egress DNS rebinding: a later answer naming a forbidden address is never dialled', () => {
   const fx = useEgress(async () => {
     // closeEach: the service closes every connection, so each request makes the gateway dial (and resolve) anew.

@@ -294,6 +294,11 @@ export interface CompiledCluster {
    * request's own host, resolved at request time. False elsewhere.
    */
   readonly dynamicHost: boolean;
+  /**
+   * MESH_EXTERNAL: the IPs / CIDRs its ServiceEntry lists (`addresses` and IP-literal endpoints),
+   * which the egress SSRF guard lets this cluster reach although private. [] elsewhere.
+   */
+  readonly allowedAddresses: readonly string[];
 }
 
 /** Outcome of compile: a config, or every error found. Warnings ride along in both. */
@@ -938,6 +943,7 @@ class Compiler {
       outlier,
       tls: dr === undefined ? undefined : this.#clientTls(dr, policy?.tls, tlsPath),
       dynamicHost,
+      allowedAddresses: isMeshExternal(se) ? seAllowedAddresses(se) : [],
     });
   }
 
@@ -966,6 +972,13 @@ class Compiler {
 }
 
 /** Istio's default location is MESH_EXTERNAL: a ServiceEntry without `location` is external. */
+/** The addresses a MESH_EXTERNAL ServiceEntry lets the SSRF guard reach: `addresses` and IP-literal endpoints. */
+function seAllowedAddresses(se: Resource<'ServiceEntry'>): string[] {
+  const out = new Set<string>(se.spec.addresses ?? []);
+  for (const ep of se.spec.endpoints ?? []) if (isIpAddress(ep.address)) out.add(ep.address);
+  return [...out];
+}
+
 function isMeshExternal(se: Resource<'ServiceEntry'>): boolean {
   return (se.spec.location ?? 'MESH_EXTERNAL') === 'MESH_EXTERNAL';
 }

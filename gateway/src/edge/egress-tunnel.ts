@@ -20,7 +20,7 @@ import { parseClientHello } from './client-hello.ts';
  * of that holds.
  */
 
-const TARGET = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%]+):([0-9]{1,5})$/;
+const TARGET = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._]+):([0-9]{1,5})$/;
 const HELLO_MAX = 16 * 1024;
 const HELLO_TIMEOUT_MS = 10_000;
 const CONNECT_TIMEOUT_MS = 10_000;
@@ -31,6 +31,15 @@ export interface TunnelOptions {
 }
 
 export function egressConnect(engine: Engine, listenerName: string, req: IncomingMessage, down: Duplex, head: Buffer, opts: TunnelOptions): void {
+  try {
+    tunnel(engine, listenerName, req, down, head, opts);
+  } catch {
+    // A bug must not take the process down with one CONNECT: the tunnel goes, the gateway stays.
+    down.destroy();
+  }
+}
+
+function tunnel(engine: Engine, listenerName: string, req: IncomingMessage, down: Duplex, head: Buffer, opts: TunnelOptions): void {
   const start = performance.now();
   const startEpoch = Date.now();
   const socket = down as Socket;
@@ -151,12 +160,14 @@ export function egressConnect(engine: Engine, listenerName: string, req: Incomin
   };
   const dial = async (hello: Buffer) => {
     let address: string;
+    // The guard of this destination's own ServiceEntry (its listed addresses only).
+    const guard = egress.guardFor(cluster.config.allowedAddresses);
     try {
       const lit = canonicalIp(ep.address);
       if (lit !== undefined) {
-        if (!egress.guard.allowed(lit)) throw Object.assign(new Error('forbidden'), { code: 'EGRESS_FORBIDDEN_ADDRESS' });
+        if (!guard.allowed(lit)) throw Object.assign(new Error('forbidden'), { code: 'EGRESS_FORBIDDEN_ADDRESS' });
         address = lit;
-      } else address = (await egress.guard.resolve(ep.address)).address;
+      } else address = (await guard.resolve(ep.address)).address;
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code === 'EGRESS_FORBIDDEN_ADDRESS') {
         egress.denied('forbidden_address');

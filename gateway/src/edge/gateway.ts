@@ -231,16 +231,23 @@ export class Gateway {
     let next: Snapshot;
     let closeRemoved: () => Promise<void>;
     try {
-      const allow = config.egress?.allowedAddresses ?? [];
+      // One guard per allow list (each MESH_EXTERNAL cluster allows what its own ServiceEntry lists).
+      const guards = new Map<string, EgressGuard>();
+      const resolver = this.#opts.resolver;
+      const guardFor = (allow: readonly string[]): EgressGuard => {
+        const key = allow.join(',');
+        let g = guards.get(key);
+        if (g === undefined) {
+          g = new EgressGuard({ allow, ...(resolver === undefined ? {} : { resolver }) });
+          guards.set(key, g);
+        }
+        return g;
+      };
       next = new Snapshot(config, {
         pools: this.#pools,
         telemetry: this.telemetry,
         security: security.plan,
-        egress: {
-          guard: new EgressGuard({ allow, ...(this.#opts.resolver === undefined ? {} : { resolver: this.#opts.resolver }) }),
-          guardKey: allow.join(','),
-          onDenied: (reason) => this.#egressDenied.inc({ reason }),
-        },
+        egress: { guardFor, onDenied: (reason) => this.#egressDenied.inc({ reason }) },
       });
     } catch (err) {
       security.plan.close().catch(() => {});

@@ -77,8 +77,12 @@ export class H2Client {
   readonly #errors = new WeakMap<ClientHttp2Session, Error>();
   #closed = false;
 
-  constructor(origin: string, connectTimeoutMs: number, idleTimeoutMs: number) {
+  readonly #connect: Readonly<Record<string, unknown>>;
+
+  /** `connect`: net/tls options (the egress guard's lookup, TLS origination's CA, certificate, SNI). */
+  constructor(origin: string, connectTimeoutMs: number, idleTimeoutMs: number, connect: Readonly<Record<string, unknown>> = {}) {
     this.#origin = origin;
+    this.#connect = origin.startsWith('https:') ? { ...connect, ALPNProtocols: ['h2'] } : connect;
     this.#connectTimeoutMs = connectTimeoutMs;
     this.#idleTimeoutMs = idleTimeoutMs;
   }
@@ -86,7 +90,7 @@ export class H2Client {
   #sessionFor(): ClientHttp2Session {
     const s = this.#session;
     if (s !== undefined && !s.closed && !s.destroyed) return s;
-    const session = connect(this.#origin, { settings: { enablePush: false } });
+    const session = connect(this.#origin, { ...this.#connect, settings: { enablePush: false } });
     // A connect that never completes fails the streams waiting on it.
     const timer = setTimeout(() => session.destroy(Object.assign(new Error('connect timeout'), { code: 'UND_ERR_CONNECT_TIMEOUT' })), this.#connectTimeoutMs);
     timer.unref();
@@ -203,12 +207,17 @@ export class H2Client {
 export class H2Clients {
   readonly #clients = new Map<string, H2Client>();
 
-  get(origin: string, connectTimeoutMs: number, idleTimeoutMs: number): H2Client {
+  get(
+    origin: string,
+    connectTimeoutMs: number,
+    idleTimeoutMs: number,
+    connect?: { readonly key: string; readonly options: Readonly<Record<string, unknown>> },
+  ): H2Client {
     // Keyed by settings too: a DestinationRule change takes effect on the next request.
-    const key = `${origin}|${connectTimeoutMs}|${idleTimeoutMs}`;
+    const key = `${origin}|${connectTimeoutMs}|${idleTimeoutMs}|${connect?.key ?? ''}`;
     let c = this.#clients.get(key);
     if (c === undefined) {
-      c = new H2Client(origin, connectTimeoutMs, idleTimeoutMs);
+      c = new H2Client(origin, connectTimeoutMs, idleTimeoutMs, connect?.options);
       this.#clients.set(key, c);
     }
     return c;

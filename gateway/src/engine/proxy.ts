@@ -368,7 +368,9 @@ export class Engine {
 
   /** @internal the HTTP/2 client for an endpoint of an HTTP2/GRPC cluster */
   h2Client(ep: RuntimeEndpoint, cluster: RuntimeCluster): H2Client {
-    return this.#h2.get(`http://${ep.hostPort}`, cluster.config.pool.connectTimeoutMs, cluster.config.pool.idleTimeoutMs);
+    // TLS origination and the egress guard hold for HTTP/2 upstreams as for HTTP/1.1 pools.
+    const c = cluster.connect;
+    return this.#h2.get(`${c?.tls === true ? 'https' : 'http'}://${ep.hostPort}`, cluster.config.pool.connectTimeoutMs, cluster.config.pool.idleTimeoutMs, c);
   }
 
   /** Closes upstream HTTP/2 connections (undici pools belong to the PoolRegistry). */

@@ -110,7 +110,7 @@ export interface SnapshotDeps {
   /** Edge security (jwt_authn, authorization, quotas, adapters) compiled for this configuration. */
   readonly security?: SecurityPlan;
   /** The egress gateway's SSRF guard (built for this configuration's allowed addresses) and its refusal counter. */
-  readonly egress?: { readonly guard: EgressGuard; readonly guardKey: string; readonly onDenied: (reason: EgressDeniedReason) => void };
+  readonly egress?: { readonly guardFor: (allow: readonly string[]) => EgressGuard; readonly onDenied: (reason: EgressDeniedReason) => void };
 }
 
 const NO_FILTERS: readonly HttpFilter[] = [];
@@ -144,9 +144,8 @@ export class Snapshot {
     this.version = config.version;
     this.#pools = deps.pools;
     const clusters = new Map<string, RuntimeCluster>();
-    const guard = config.egress === undefined ? undefined : deps.egress?.guard;
-    const guardKey = deps.egress?.guardKey ?? '';
-    const connectFor = (c: CompiledCluster) => connectOptionsFor(c, guard, guardKey);
+    const guardFor = config.egress === undefined ? undefined : deps.egress?.guardFor;
+    const connectFor = (c: CompiledCluster, host?: string) => connectOptionsFor(c, guardFor, host);
     for (const [name, c] of config.clusters) clusters.set(name, new RuntimeCluster(c, deps.pools, deps.telemetry, connectFor(c)));
     this.clusters = clusters;
     this.tcpNoDestination = deps.telemetry.slot(undefined).tcp;
@@ -158,10 +157,10 @@ export class Snapshot {
         ? undefined
         : new EgressRuntime<RuntimeRoute>(
             config.egress,
-            deps.egress.guard,
+            deps.egress.guardFor,
             {
-              build: (route, cluster) =>
-                buildRoute(route, new Map([[cluster.name, new RuntimeCluster(cluster, deps.pools, deps.telemetry, connectFor(cluster))]]), security),
+              build: (route, cluster, host) =>
+                buildRoute(route, new Map([[cluster.name, new RuntimeCluster(cluster, deps.pools, deps.telemetry, connectFor(cluster, host))]]), security),
               release: (route) => {
                 for (const d of route.destinations) d.cluster?.release(deps.pools);
               },

@@ -148,6 +148,8 @@ export class RuntimeEndpoint {
 /** Cluster-wide counters survive snapshot swaps only within one snapshot; limits are per snapshot. */
 export class RuntimeCluster {
   readonly config: CompiledCluster;
+  /** How its connections are made (TLS origination, the egress guard); every client of it uses this. */
+  readonly connect: ConnectOptions | undefined;
   readonly endpoints: readonly RuntimeEndpoint[];
   /** Metric slot for requests that reach the cluster but no endpoint. */
   readonly metrics: MetricSlot;
@@ -166,6 +168,7 @@ export class RuntimeCluster {
 
   constructor(config: CompiledCluster, pools: PoolRegistry, telemetry: Telemetry, connect?: ConnectOptions) {
     this.config = config;
+    this.connect = connect;
     const base = {
       service: config.host,
       serviceName: config.serviceName,

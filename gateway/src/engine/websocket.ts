@@ -297,7 +297,10 @@ export class WebSocketProxy {
     const cluster = t.cluster;
     let upstream: WebSocket;
     try {
-      upstream = new WebSocket(`ws://${ep.hostPort}${t.path}`, offered, {
+      // The cluster's connect options hold here too: the egress guard's pinned lookup and TLS origination (wss).
+      const c = cluster.connect;
+      upstream = new WebSocket(`${c?.tls === true ? 'wss' : 'ws'}://${ep.hostPort}${t.path}`, offered, {
+        ...(c?.options ?? {}),
         headers,
         perMessageDeflate: false,
         handshakeTimeout: cluster.config.pool.connectTimeoutMs,

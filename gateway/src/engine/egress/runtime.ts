@@ -17,11 +17,15 @@ export type EgressDeniedReason = 'not_declared' | 'forbidden_address' | 'sni_mis
 
 /** What the snapshot lends the egress runtime to build routes on demand. */
 export interface EgressRouteFactory<R> {
-  /** Builds the runtime route (filters included) for a compiled route whose one cluster is `cluster`. */
-  build(route: CompiledRoute, cluster: CompiledCluster): R;
+  /** Builds the runtime route (filters included) for a compiled route whose one cluster is `cluster`; `host` is the name asked for (TLS SNI). */
+  build(route: CompiledRoute, cluster: CompiledCluster, host: string): R;
   /** Releases what build() acquired (pools), when the snapshot goes. */
   release(route: R): void;
 }
+
+/** A host name (lower case, letters, digits, `-`, `.`) or an IP literal (bracketed IPv6 included). */
+const EGRESS_HOST = /^[a-z0-9._-]+$|^\[?[0-9a-f:.]+\]?$/;
+const PASSTHROUGH_SERVICE = 'egress-passthrough';
 
 /** The most routes made on demand per snapshot: host names are client-chosen. */
 const MAX_DYNAMIC = 1000;
@@ -29,15 +33,24 @@ const MAX_DYNAMIC = 1000;
 export class EgressRuntime<R> {
   readonly listener: string;
   readonly mode: 'REGISTRY_ONLY' | 'ALLOW_ANY';
-  readonly guard: EgressGuard;
+  /** The SSRF guard for an allow list (a cluster's own ServiceEntry addresses; [] for passthrough). */
+  readonly guardFor: (allow: readonly string[]) => EgressGuard;
+  /** ALLOW_ANY passthrough hosts: the private addresses any MESH_EXTERNAL ServiceEntry lists (mesh-wide). */
+  readonly #passthroughAllow: readonly string[];
   readonly #factory: EgressRouteFactory<R>;
   readonly #onDenied: (reason: EgressDeniedReason) => void;
   readonly #dynamic = new Map<string, R>();
 
-  constructor(config: CompiledEgress, guard: EgressGuard, factory: EgressRouteFactory<R>, onDenied: (reason: EgressDeniedReason) => void) {
+  constructor(
+    config: CompiledEgress,
+    guardFor: (allow: readonly string[]) => EgressGuard,
+    factory: EgressRouteFactory<R>,
+    onDenied: (reason: EgressDeniedReason) => void,
+  ) {
     this.listener = config.listener;
     this.mode = config.mode;
-    this.guard = guard;
+    this.guardFor = guardFor;
+    this.#passthroughAllow = config.allowedAddresses;
     this.#factory = factory;
     this.#onDenied = onDenied;
   }
@@ -53,13 +66,19 @@ export class EgressRuntime<R> {
    * when there is one (its cluster's settings and TLS are kept, the host becomes the endpoint).
    */
   routeFor(host: string, port: number, template?: { readonly route: CompiledRoute; readonly cluster: CompiledCluster }): R | LocalReply {
+    // Only plain names and IP literals: a percent-escape or any other character could be decoded
+    // later (URL parsing in the HTTP client) into an address nobody checked.
+    if (!EGRESS_HOST.test(host) || port < 1 || port > 65535) return { status: 400, details: 'invalid_request' };
     if (template === undefined && this.mode !== 'ALLOW_ANY') {
       this.denied('not_declared');
       return { status: 403, details: 'egress_denied' };
     }
     // An IP literal never reaches the resolver (net.connect skips lookup for it): judged here.
+    // A wildcard host may reach only its ServiceEntry's own addresses; an ALLOW_ANY passthrough host
+    // those any external ServiceEntry lists (ALLOW_ANY is not the firewall mode).
+    const allow = template?.cluster.allowedAddresses ?? this.#passthroughAllow;
     const ip = canonicalIp(host);
-    if (ip !== undefined && !this.guard.allowed(ip)) {
+    if (ip !== undefined && !this.guardFor(allow).allowed(ip)) {
       this.denied('forbidden_address');
       return { status: 403, details: 'egress_forbidden_address' };
     }
@@ -77,11 +96,13 @@ export class EgressRuntime<R> {
     const base = template?.cluster;
     const cluster: CompiledCluster = {
       name,
-      host,
+      // Metric labels use the declared pattern (or one passthrough name), never the asked host:
+      // host names are client-chosen and each would be a new series forever.
+      host: base?.host ?? PASSTHROUGH_SERVICE,
       port,
       subset: undefined,
       protocol: base?.protocol ?? 'HTTP',
-      serviceName: host,
+      serviceName: base?.serviceName ?? PASSTHROUGH_SERVICE,
       serviceNamespace: base?.serviceNamespace ?? 'external',
       location: 'MESH_EXTERNAL',
       endpoints: [{ address, port: base?.endpoints[0]?.port ?? port, labels: {}, weight: 1 }],
@@ -90,13 +111,20 @@ export class EgressRuntime<R> {
       outlier: undefined,
       tls: base?.tls,
       dynamicHost: false,
+      allowedAddresses: allow,
     };
     const route: CompiledRoute = {
       ...(template?.route ?? passthroughRoute),
       name: `egress|${port}|${host}`,
       action: { kind: 'route', destinations: [{ cluster: name, weight: 100, requestHeaders: undefined, responseHeaders: undefined }], totalWeight: 100 },
     };
-    const r = this.#factory.build(route, cluster);
+    let r: R;
+    try {
+      r = this.#factory.build(route, cluster, host);
+    } catch {
+      // A host the HTTP client cannot make an origin of: refused, not a crash.
+      return { status: 400, details: 'invalid_request' };
+    }
     this.#dynamic.set(key, r);
     return r;
   }
@@ -141,19 +169,25 @@ const passthroughRoute: CompiledRoute = {
  * snapshot), and, for MESH_EXTERNAL clusters when egress is on, the SSRF guard as `lookup` (the socket
  * connects to the address the guard checked: pinned, never re-resolved).
  */
-export function connectOptionsFor(cluster: CompiledCluster, guard: EgressGuard | undefined, guardKey: string): ConnectOptions | undefined {
-  const guarded = guard !== undefined && cluster.location === 'MESH_EXTERNAL';
+export function connectOptionsFor(
+  cluster: CompiledCluster,
+  guardFor: ((allow: readonly string[]) => EgressGuard) | undefined,
+  host = cluster.host,
+): ConnectOptions | undefined {
+  // Each cluster's guard allows what its own ServiceEntry lists, nothing another one does.
+  const guard = guardFor !== undefined && cluster.location === 'MESH_EXTERNAL' ? guardFor(cluster.allowedAddresses) : undefined;
+  const guarded = guard !== undefined;
   const tls = cluster.tls;
   if (!guarded && tls === undefined) return undefined;
   const options: Record<string, unknown> = {};
   let key = '';
-  if (guarded) {
+  if (guard !== undefined) {
     options.lookup = guard.lookup;
-    key += `guard:${guardKey}`;
+    key += `guard:${cluster.allowedAddresses.join(',')}`;
   }
   if (tls !== undefined) {
-    Object.assign(options, clientTls(tls, cluster.host));
-    key += `|tls:${tls.mode}:${tls.caFile ?? ''}:${tls.certFile ?? ''}:${tls.keyFile ?? ''}:${tls.sni ?? ''}:${tls.subjectAltNames.join(',')}:${tls.insecureSkipVerify}`;
+    Object.assign(options, clientTls(tls, host));
+    key += `|tls:${host}:${tls.mode}:${tls.caFile ?? ''}:${tls.certFile ?? ''}:${tls.keyFile ?? ''}:${tls.sni ?? ''}:${tls.subjectAltNames.join(',')}:${tls.insecureSkipVerify}`;
   }
   return { key, tls: tls !== undefined, options };
 }
