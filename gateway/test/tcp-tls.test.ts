@@ -382,6 +382,38 @@ describe('parseClientHello', () => {
     assert.equal(r.kind === 'hello' ? r.serverName : r.kind, 'frag.example.com');
   });
 
+  test('a repeated extension (two server_name) is malformed: no routing on one name while the upstream reads another', async () => {
+    const hello = await captureClientHello('a.example.com');
+    // Walk to the extensions block: record 5, handshake header 4, version 2, random 32, then the vectors.
+    let p = 5 + 4 + 2 + 32;
+    p += 1 + (hello[p] as number);
+    p += 2 + hello.readUInt16BE(p);
+    p += 1 + (hello[p] as number);
+    const extLenAt = p;
+    let q = p + 2;
+    let sni: Buffer | undefined;
+    while (q < hello.length) {
+      const len = hello.readUInt16BE(q + 2);
+      if (hello.readUInt16BE(q) === 0) {
+        sni = hello.subarray(q, q + 4 + len);
+        break;
+      }
+      q += 4 + len;
+    }
+    assert.ok(sni !== undefined, 'the captured hello has a server_name');
+    const twice = Buffer.concat([hello.subarray(0, q), sni, hello.subarray(q)]);
+    const grow = (at: number, bytes: 2 | 3) => {
+      const v = bytes === 2 ? twice.readUInt16BE(at) : twice.readUIntBE(at, 3);
+      if (bytes === 2) twice.writeUInt16BE(v + sni.length, at);
+      else twice.writeUIntBE(v + sni.length, at, 3);
+    };
+    grow(3, 2); // record length
+    grow(6, 3); // handshake length
+    grow(extLenAt, 2); // extensions length
+    assert.equal(parseClientHello(hello, 16384).kind, 'hello');
+    assert.deepEqual(parseClientHello(twice, 16384), { kind: 'invalid', reason: 'malformed' });
+  });
+
   test('bounds and garbage', async () => {
     const hello = await captureClientHello('a.example.com');
     assert.deepEqual(parseClientHello(hello, 100), { kind: 'invalid', reason: 'too_large' });

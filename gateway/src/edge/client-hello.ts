@@ -77,6 +77,9 @@ function parseBody(b: Buffer): ClientHelloResult {
   p += 2;
   let serverName: string | undefined;
   let alpn: string[] = [];
+  // RFC 8446 §4.2: an extension type appears at most once; a repeated one is malformed (routing on
+  // one server_name while the upstream's TLS stack reads another would be SNI smuggling).
+  const seen = new Set<number>();
   while (p < extEnd) {
     if (p + 4 > extEnd) return invalid('malformed');
     const type = b.readUInt16BE(p);
@@ -84,6 +87,8 @@ function parseBody(b: Buffer): ClientHelloResult {
     const start = p + 4;
     const end = start + len;
     if (end > extEnd) return invalid('malformed');
+    if (seen.has(type)) return invalid('malformed');
+    seen.add(type);
     if (type === EXT_SERVER_NAME) {
       const r = serverNameExtension(b.subarray(start, end));
       if (r === null) return invalid('bad_server_name');
