@@ -811,7 +811,8 @@ describe('egress hosts that a later URL parser would decode, WebSocket and HTTP/
     const ws = await send(fx.port, `http://localhost:${victim.port}/ws`, {
       headers: { connection: 'upgrade', upgrade: 'websocket', 'sec-websocket-key': 'dGhlIHNhbXBsZSBub25jZQ==', 'sec-websocket-version': '13' },
     });
-    assert.notEqual(ws.status, 101, ws.body);
+    assert.equal(ws.status, 403, ws.body);
+    assert.equal(ws.body, FORBIDDEN_BODY);
     const h2 = await send(fx.port, `http://localhost:${h2victim.port}/h2`);
     assert.ok(h2.status >= 400, `${h2.status} ${h2.body}`);
     assert.equal(victim.connections, 0);

@@ -361,6 +361,11 @@ export class WebSocketProxy {
       upstream.terminate();
       releaseActive();
       const code = (err as NodeJS.ErrnoException).code ?? '';
+      if (code === 'EGRESS_FORBIDDEN_ADDRESS') {
+        // The egress SSRF guard refused every address: a policy answer, as on the HTTP path.
+        x.snap.egress?.denied('forbidden_address');
+        return this.#refuse(x, socket, fromLocal({ status: 403, details: 'egress_forbidden_address' }));
+      }
       const failure = CONNECT_FAILURE_CODES.has(code) || /timed out/i.test(err.message) ? 'upstream_connect_failure' : 'upstream_reset';
       cluster.reportOutcome(ep, 503);
       this.#refuse(x, socket, fromLocal({ status: 503, details: failure }));
