@@ -29,6 +29,12 @@ const HOP_BY_HOP = new Set([
 
 const RESPONSE_HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'trailer', 'upgrade', 'te', 'http2-settings']);
 
+/**
+ * Headers only the gateway sets, whoever else would: hop-by-hop ones, message framing and `host`.
+ * Adapters may not set them, and ext_authz never copies them from an authorization service's answer.
+ */
+export const FRAMING_HEADERS: ReadonlySet<string> = new Set([...RESPONSE_HOP_BY_HOP, 'content-length', 'host']);
+
 /** Headers named in `Connection` are hop-by-hop too (RFC 9110 §7.6.1). */
 function connectionTokens(v: string | string[] | undefined): string[] | undefined {
   if (v === undefined) return undefined;

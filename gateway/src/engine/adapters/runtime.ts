@@ -9,6 +9,7 @@ import { extname, isAbsolute } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { GatewayError, GatewayErrorCode } from '../details.ts';
 import type { AuthzAttributes, CustomCheck, CustomVerdict } from '../filters/authz/types.ts';
+import { FRAMING_HEADERS } from '../headers.ts';
 import type { AdapterConfig, AdapterInstance, AdapterParams, AdapterStats, FailureMode, ReportAttributes } from './types.ts';
 
 export type { AdapterConfig, AdapterStats, FailureMode, ReportAttributes } from './types.ts';
@@ -104,23 +105,6 @@ function validHeaderValue(v: string): boolean {
   return true;
 }
 
-/**
- * Headers an adapter may not set, on either side: the gateway frames messages itself, and `host` is
- * routing input that is already decided when the check runs.
- */
-const FORBIDDEN_HEADERS = new Set([
-  'connection',
-  'keep-alive',
-  'proxy-connection',
-  'transfer-encoding',
-  'te',
-  'trailer',
-  'upgrade',
-  'http2-settings',
-  'content-length',
-  'host',
-]);
-
 function isThenable(v: unknown): v is PromiseLike<unknown> {
   return (typeof v === 'object' || typeof v === 'function') && v !== null && typeof (v as { then?: unknown }).then === 'function';
 }
@@ -137,7 +121,8 @@ function headersOf(v: unknown): Record<string, string> | undefined | string {
   for (const [k, value] of Object.entries(v)) {
     if (!TOKEN.test(k)) return `header name ${JSON.stringify(k)} is not a token`;
     const name = k.toLowerCase();
-    if (FORBIDDEN_HEADERS.has(name)) return `header ${name} may not be set by an adapter`;
+    // The gateway frames messages itself, and `host` is routing input already decided when the check runs.
+    if (FRAMING_HEADERS.has(name)) return `header ${name} may not be set by an adapter`;
     if (typeof value !== 'string' || !validHeaderValue(value)) return `header ${name} has an invalid value`;
     out[name] = value;
   }
@@ -231,41 +216,63 @@ class LoadedAdapter implements RuntimeAdapter {
     }
     // Synchronous checks (listchecker) need no timer at all.
     if (!isThenable(out)) return this.#settle(out);
-    return new Promise<CustomVerdict>((resolve) => {
-      let done = false;
-      const end = (): boolean => {
-        if (done) return false;
-        done = true;
-        clearTimeout(timer);
-        this.#pending.delete(pending);
-        return true;
-      };
-      const pending: Pending = {
-        cancel: (err) => {
-          if (!end()) return;
-          ac.abort(err);
-          resolve(this.#failed(err));
-        },
-      };
-      const timer = setTimeout(() => {
+    return new Promise<CustomVerdict>((resolve) =>
+      this.#bounded(out, ac, 'check', {
+        value: (v) => resolve(this.#settle(v)),
+        error: (err) => resolve(this.#failed(this.#hookError(err))),
+        timeout: (err) => resolve(this.#failed(err)),
+        cancelled: (err) => resolve(this.#failed(err)),
+      }),
+    );
+  }
+
+  /**
+   * Waits for a hook's promise under the adapter's timeout: exactly one outcome is reported, the
+   * timer is cleared whatever happens, and close() can cancel the call (aborting `ac`).
+   */
+  #bounded(
+    out: PromiseLike<unknown>,
+    ac: AbortController,
+    hook: 'check' | 'report',
+    on: {
+      readonly value: (v: unknown) => void;
+      readonly error: (err: unknown) => void;
+      readonly timeout: (err: AdapterError) => void;
+      readonly cancelled: (err: AdapterError) => void;
+    },
+  ): void {
+    let done = false;
+    const end = (): boolean => {
+      if (done) return false;
+      done = true;
+      clearTimeout(timer);
+      this.#pending.delete(pending);
+      return true;
+    };
+    const pending: Pending = {
+      cancel: (err) => {
         if (!end()) return;
-        const err = new AdapterError(AdapterErrorCode.TIMEOUT, this.name, `adapter ${JSON.stringify(this.name)}: check timed out after ${this.timeoutMs} ms`);
         ac.abort(err);
-        resolve(this.#failed(err));
-      }, this.timeoutMs);
-      this.#pending.add(pending);
-      const onValue = (v: unknown) => {
-        if (end()) resolve(this.#settle(v));
-      };
-      const onError = (err: unknown) => {
-        if (end()) resolve(this.#failed(this.#hookError(err)));
-      };
-      try {
-        out.then(onValue, onError);
-      } catch (err) {
-        onError(err);
-      }
-    });
+        on.cancelled(err);
+      },
+    };
+    const timer = setTimeout(() => {
+      if (!end()) return;
+      const err = new AdapterError(AdapterErrorCode.TIMEOUT, this.name, `adapter ${JSON.stringify(this.name)}: ${hook} timed out after ${this.timeoutMs} ms`);
+      ac.abort(err);
+      on.timeout(err);
+    }, this.timeoutMs);
+    this.#pending.add(pending);
+    const onError = (err: unknown) => {
+      if (end()) on.error(err);
+    };
+    try {
+      out.then((v) => {
+        if (end()) on.value(v);
+      }, onError);
+    } catch (err) {
+      onError(err);
+    }
   }
 
   /** A settled check result: counted as allowed/denied, or as an error when malformed. */
@@ -310,34 +317,13 @@ class LoadedAdapter implements RuntimeAdapter {
       return;
     }
     if (!isThenable(out)) return;
-    let done = false;
-    const end = (): boolean => {
-      if (done) return false;
-      done = true;
-      clearTimeout(timer);
-      this.#pending.delete(pending);
-      return true;
-    };
-    const pending: Pending = {
-      cancel: (err) => {
-        if (end()) ac.abort(err);
-      },
-    };
-    const timer = setTimeout(() => {
-      if (!end()) return;
-      const err = new AdapterError(AdapterErrorCode.TIMEOUT, this.name, `adapter ${JSON.stringify(this.name)}: report timed out after ${this.timeoutMs} ms`);
-      ac.abort(err);
-      this.#reportFailed(err);
-    }, this.timeoutMs);
-    this.#pending.add(pending);
-    const onError = (err: unknown) => {
-      if (end()) this.#reportFailed(err);
-    };
-    try {
-      out.then(() => end(), onError);
-    } catch (err) {
-      onError(err);
-    }
+    // A cancelled report (close) is not a failure of the adapter: nothing to count.
+    this.#bounded(out, ac, 'report', {
+      value: () => {},
+      error: (err) => this.#reportFailed(err),
+      timeout: (err) => this.#reportFailed(err),
+      cancelled: () => {},
+    });
   }
 
   #reportFailed(err: unknown): void {

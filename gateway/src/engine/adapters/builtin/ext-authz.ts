@@ -11,6 +11,7 @@
  *   64 KiB) and the allowed client headers, so redirects to a login page work.
  */
 import { Agent } from 'undici';
+import { FRAMING_HEADERS } from '../../headers.ts';
 import type { AdapterContext, AdapterInstance, AdapterParams, AuthzAttributes, CheckResult } from '../types.ts';
 
 export interface ExtAuthzParams {
@@ -39,20 +40,6 @@ const KNOWN_PARAMS = new Set(['url', 'pathPrefix', 'allowedHeaders', 'allowedUps
 const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 const ALWAYS_SENT = ['authorization'];
 const DEFAULT_ALLOWED_HEADERS = ['cookie', 'x-forwarded-for'];
-/** Never copied from the service's answer: the gateway frames its own messages. */
-const NOT_COPIED = new Set([
-  'host',
-  'connection',
-  'keep-alive',
-  'proxy-connection',
-  'transfer-encoding',
-  'te',
-  'trailer',
-  'upgrade',
-  'http2-settings',
-  'content-length',
-]);
-
 function headerList(v: unknown, key: string): string[] | undefined {
   if (v === undefined) return undefined;
   if (!Array.isArray(v)) throw new Error(`${key} must be a list of header names`);
@@ -68,7 +55,7 @@ interface Compiled {
   /** Request headers copied into the check request (host is set apart). */
   readonly requestHeaders: readonly string[];
   readonly upstreamHeaders: ReadonlySet<string>;
-  /** undefined: all but NOT_COPIED. */
+  /** undefined: all but FRAMING_HEADERS. */
   readonly clientHeaders: ReadonlySet<string> | undefined;
 }
 
@@ -93,8 +80,8 @@ function compile(params: AdapterParams): Compiled {
   return {
     origin: url.origin,
     prefix: url.pathname.replace(/\/+$/, '') + pathPrefix,
-    requestHeaders: [...new Set([...ALWAYS_SENT, ...allowed])].filter((h) => h !== 'host' && !NOT_COPIED.has(h)),
-    upstreamHeaders: new Set((headerList(p.allowedUpstreamHeaders, 'allowedUpstreamHeaders') ?? []).filter((h) => !NOT_COPIED.has(h))),
+    requestHeaders: [...new Set([...ALWAYS_SENT, ...allowed])].filter((h) => !FRAMING_HEADERS.has(h)),
+    upstreamHeaders: new Set((headerList(p.allowedUpstreamHeaders, 'allowedUpstreamHeaders') ?? []).filter((h) => !FRAMING_HEADERS.has(h))),
     clientHeaders: client === undefined ? undefined : new Set([...client, 'www-authenticate', 'location']),
   };
 }
@@ -158,7 +145,7 @@ export function create(params: AdapterParams): AdapterInstance {
       const body = await readBounded(res.body, MAX_DENY_BODY);
       const out: Record<string, string> = {};
       for (const [name, v] of Object.entries(res.headers)) {
-        if (NOT_COPIED.has(name) || (c.clientHeaders !== undefined && !c.clientHeaders.has(name))) continue;
+        if (FRAMING_HEADERS.has(name) || (c.clientHeaders !== undefined && !c.clientHeaders.has(name))) continue;
         const s = one(name, v);
         if (s !== undefined) out[name] = s;
       }
