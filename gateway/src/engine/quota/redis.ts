@@ -44,7 +44,9 @@ import type { QuotaLimit, QuotaResult, QuotaStore } from './types.ts';
  * replicated. Needs Redis ≥ 5 (scripts replicate their effects, so TIME before a write is allowed).
  */
 
-const FIXED_LUA = `
+// Both lease scripts: Redis's clock, the arguments (window, max, wanted slice, expected workers, this
+// request's charge, bucket, and an expired lease's leftovers to give back)…
+const LEASE_ARGS = `
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local windowMs = tonumber(ARGV[1])
@@ -52,7 +54,17 @@ local max = tonumber(ARGV[2])
 local want = tonumber(ARGV[3])
 local workers = tonumber(ARGV[4])
 local need = tonumber(ARGV[5])
-local win = math.floor(now / windowMs)
+`;
+// …and the slice: a share of what is left (ceil(left / workers)), at least the charge, at most `want`.
+const LEASE_GRANT = `local grant = 0
+if left >= need then
+  grant = math.min(want, math.ceil(left / workers))
+  if grant < need then grant = need end
+  if grant > left then grant = left end
+end
+`;
+
+const FIXED_LUA = `${LEASE_ARGS}local win = math.floor(now / windowMs)
 local field = tostring(win)
 local used = tonumber(redis.call('HGET', KEYS[1], field) or '0')
 -- Unspent tokens of this worker's expired lease (ARGV[8] counted in window ARGV[7]) come back, if
@@ -65,13 +77,7 @@ else
   back = 0
 end
 local left = max - used
-local grant = 0
-if left >= need then
-  grant = math.min(want, math.ceil(left / workers))
-  if grant < need then grant = need end
-  if grant > left then grant = left end
-end
-local ttl = (win + 1) * windowMs - now
+${LEASE_GRANT}local ttl = (win + 1) * windowMs - now
 if grant > 0 and used == 0 and back == 0 then
   -- First grant of this window: drop the last window's field, set the TTL once.
   redis.call('DEL', KEYS[1])
@@ -83,15 +89,7 @@ end
 return {grant, left - grant, ttl, win, ttl}
 `;
 
-const ROLLING_LUA = `
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local windowMs = tonumber(ARGV[1])
-local max = tonumber(ARGV[2])
-local want = tonumber(ARGV[3])
-local workers = tonumber(ARGV[4])
-local need = tonumber(ARGV[5])
-local bucketMs = tonumber(ARGV[6])
+const ROLLING_LUA = `${LEASE_ARGS}local bucketMs = tonumber(ARGV[6])
 local n = math.ceil(windowMs / bucketMs)
 local cur = math.floor(now / bucketMs)
 -- Unspent tokens of this worker's expired lease (ARGV[8] counted in bucket ARGV[7]) come back: the
@@ -118,13 +116,7 @@ for i = 1, #all, 2 do
   end
 end
 local left = max - total
-local grant = 0
-if left >= need then
-  grant = math.min(want, math.ceil(left / workers))
-  if grant < need then grant = need end
-  if grant > left then grant = left end
-end
-if grant > 0 then
+${LEASE_GRANT}if grant > 0 then
   redis.call('HINCRBY', KEYS[1], tostring(cur), grant)
   -- The TTL covers the newest bucket; set it when that bucket first appears.
   if fresh then redis.call('PEXPIRE', KEYS[1], (cur + n + 1) * bucketMs - now) end
