@@ -10,16 +10,14 @@
 // Must come before @peculiar/x509: its dependency tsyringe refuses to load without Reflect metadata.
 import 'reflect-metadata';
 import assert from 'node:assert/strict';
-import { webcrypto } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { mkdir, writeFile } from 'node:fs/promises';
+import { mkdir } from 'node:fs/promises';
 import { createServer as createHttpServer, request as httpRequest, type IncomingHttpHeaders, type IncomingMessage, type ServerResponse } from 'node:http';
 import { createServer as createHttpsServer } from 'node:https';
 import { type AddressInfo, createServer as createNetServer, type Server as NetServer, connect as netConnect, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { type TLSSocket, connect as tlsConnect } from 'node:tls';
-import * as x509 from '@peculiar/x509';
 import type { Gateway } from '../src/edge/gateway.ts';
 import type { Resolver } from '../src/engine/egress/guard.ts';
 import type { AccessLogRecord } from '../src/engine/proxy.ts';
@@ -431,54 +429,6 @@ function httpsOverTunnel(
     tls.on('close', () => done(chunks.length > 0 ? { text: Buffer.concat(chunks).toString('utf8') } : { error: new Error('closed without a response') }));
     socket.resume();
   });
-}
-
-// ---------------------------------------------------------------------------------------------------
-// A client certificate (clientAuth EKU; pki.ts makes server certificates only) and its own CA
-
-const EC = { name: 'ECDSA', namedCurve: 'P-256', hash: 'SHA-256' } as const;
-
-async function makeClientCert(dir: string, cn: string): Promise<{ caPem: string; certFile: string; keyFile: string }> {
-  const crypto = webcrypto;
-  x509.cryptoProvider.set(webcrypto as unknown as ReturnType<typeof x509.cryptoProvider.get>);
-  const notBefore = new Date(Date.now() - 60_000);
-  const notAfter = new Date(Date.now() + 24 * 3600_000);
-  const caKeys = (await crypto.subtle.generateKey(EC, true, ['sign', 'verify'])) as webcrypto.CryptoKeyPair;
-  const ca = await x509.X509CertificateGenerator.createSelfSigned({
-    serialNumber: '01',
-    name: 'CN=meshgate egress client CA',
-    notBefore,
-    notAfter,
-    keys: caKeys,
-    signingAlgorithm: EC,
-    extensions: [
-      new x509.BasicConstraintsExtension(true, undefined, true),
-      new x509.KeyUsagesExtension(x509.KeyUsageFlags.keyCertSign | x509.KeyUsageFlags.cRLSign, true),
-      await x509.SubjectKeyIdentifierExtension.create(caKeys.publicKey),
-    ],
-  });
-  const keys = (await crypto.subtle.generateKey(EC, true, ['sign', 'verify'])) as webcrypto.CryptoKeyPair;
-  const cert = await x509.X509CertificateGenerator.create({
-    serialNumber: '02',
-    subject: `CN=${cn}`,
-    issuer: ca.subject,
-    notBefore,
-    notAfter,
-    publicKey: keys.publicKey,
-    signingKey: caKeys.privateKey,
-    signingAlgorithm: EC,
-    extensions: [
-      new x509.BasicConstraintsExtension(false, undefined, true),
-      new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
-      new x509.ExtendedKeyUsageExtension([x509.ExtendedKeyUsage.clientAuth]),
-      await x509.AuthorityKeyIdentifierExtension.create(ca),
-    ],
-  });
-  const certFile = join(dir, `${cn}.crt`);
-  const keyFile = join(dir, `${cn}.key`);
-  await writeFile(certFile, cert.toString('pem'));
-  await writeFile(keyFile, x509.PemConverter.encode(await crypto.subtle.exportKey('pkcs8', keys.privateKey), 'PRIVATE KEY'));
-  return { caPem: ca.toString('pem'), certFile, keyFile };
 }
 
 function leafOf(pki: Pki, name: string): { cert: Buffer; key: Buffer; certFile: string; keyFile: string } {
@@ -963,7 +913,8 @@ describe('egress TLS origination: SIMPLE and MUTUAL from a DestinationRule, neve
     await Promise.all([mkdir(good), mkdir(rogue), mkdir(client)]);
     const pki = await makePki(good, ['api.partner.test', 'mtls.partner.test']);
     const rogueCa = await makePki(rogue, []);
-    const cc = await makeClientCert(client, 'egress-client');
+    const clientPki = await makePki(client, ['egress-client'], { usage: 'client' });
+    const cc = { caPem: clientPki.caPem, ...leafOf(clientPki, 'egress-client') };
     const tlsApi = await startFake('tls-api', { tls: leafOf(pki, 'api.partner.test') });
     const mtls = await startFake('mtls', { tls: { ...leafOf(pki, 'mtls.partner.test'), clientCa: cc.caPem } });
     const sePort = (target: Fake) => [{ number: 80, protocol: 'HTTP', targetPort: target.port }];

@@ -17,8 +17,12 @@ export interface Pki {
 
 const EC = { name: 'ECDSA', namedCurve: 'P-256', hash: 'SHA-256' } as const;
 
-/** A throw-away CA and one leaf per DNS name, written as PEM into `dir`. */
-export async function makePki(dir: string, names: readonly string[]): Promise<Pki> {
+/**
+ * A throw-away CA and one leaf per DNS name, written as PEM into `dir`. `usage: 'client'` makes
+ * client certificates (clientAuth), which a server that verifies its clients accepts.
+ */
+export async function makePki(dir: string, names: readonly string[], opts: { readonly usage?: 'server' | 'client' } = {}): Promise<Pki> {
+  const usage = opts.usage === 'client' ? x509.ExtendedKeyUsage.clientAuth : x509.ExtendedKeyUsage.serverAuth;
   const crypto = webcrypto;
   const provider = webcrypto as unknown as ReturnType<typeof x509.cryptoProvider.get>;
   x509.cryptoProvider.set(provider);
@@ -58,7 +62,7 @@ export async function makePki(dir: string, names: readonly string[]): Promise<Pk
       extensions: [
         new x509.BasicConstraintsExtension(false, undefined, true),
         new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
-        new x509.ExtendedKeyUsageExtension([x509.ExtendedKeyUsage.serverAuth]),
+        new x509.ExtendedKeyUsageExtension([usage]),
         new x509.SubjectAlternativeNameExtension([{ type: 'dns', value: name }]),
         await x509.AuthorityKeyIdentifierExtension.create(ca),
       ],
