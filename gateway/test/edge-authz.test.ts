@@ -5,11 +5,14 @@ import type { AddressInfo } from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { accessRecord, counterValue, gatewayDoc, poll, type RequestOptions, request, useGateway } from './helpers.ts';
 import {
+  adapterDoc,
+  authorizationPolicy,
   GRPC_STATUS,
   type GrpcEcho,
   grpcServiceEntry,
   grpcUnary,
   h2Request,
+  http1On,
   ISS,
   jwksOf,
   makeKey,
@@ -36,12 +39,7 @@ let rid = 0;
 const nextId = (what: string) => `edge-authz-${what}-${++rid}`;
 
 /** A node:http request on HOST as a WireResponse. */
-async function http1(port: number, o: RequestOptions): Promise<WireResponse> {
-  const r = await request(port, { host: HOST, ...o });
-  const headers: Record<string, string> = {};
-  for (const [k, v] of Object.entries(r.headers)) if (v !== undefined) headers[k] = Array.isArray(v) ? v.join(', ') : v;
-  return { status: r.status, headers, body: r.body };
-}
+const http1 = (port: number, o: RequestOptions): Promise<WireResponse> => http1On(HOST, port, o);
 
 const bearer = (claims: Record<string, unknown>) => ({ authorization: `Bearer ${token(rsa, claims)}` });
 
@@ -87,13 +85,7 @@ spec:
     jwks: ${yamlString(jwksOf(rsa))}
 `;
 
-const policy = (name: string, action: string, rules: string, extra = '', namespace = NS) => `apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: ${name}, namespace: ${namespace}}
-spec:
-${extra}  action: ${action}
-  rules:
-${rules}`;
+const policy = authorizationPolicy;
 
 const POLICIES = [
   // The protected resource; break glass with a header (shows the admin route does reach the backend).
@@ -487,13 +479,7 @@ spec:
   - route: [{destination: {host: backend.svc}}]
 `;
 
-const adapter = (name: string, module: string, params: string, extra = '') => `apiVersion: meshgate.io/v1alpha1
-kind: Adapter
-metadata: {name: ${name}, namespace: ${NS}}
-spec:
-  module: ${module}
-${extra}  params:
-${params}`;
+const adapter = adapterDoc;
 
 const customPolicy = (provider: string) => policy('ext', 'CUSTOM', '  - to: [{operation: {paths: ["/custom/*"]}}]\n', `  provider: {name: ${provider}}\n`);
 

@@ -17,7 +17,7 @@ import {
   useGateway,
   writeYaml,
 } from './helpers.ts';
-import { h2Request, ISS, jwksOf, makeKey, rawHttp1, tamper, token, yamlString } from './jwt-fixtures.ts';
+import { adapterDoc, authorizationPolicy, h2Request, ISS, jwksOf, makeKey, rawHttp1, tamper, token, yamlString } from './jwt-fixtures.ts';
 
 /**
  * Regression tests for the bypasses a security review found: each request here got past a policy (or
@@ -31,21 +31,9 @@ const rsa = makeKey('k1');
 let rid = 0;
 const nextId = (what: string) => `edge-bypass-${what}-${++rid}`;
 
-const policy = (name: string, action: string, rules: string, extra = '') => `apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: ${name}, namespace: ${NS}}
-spec:
-${extra}  action: ${action}
-  rules:
-${rules}`;
+const policy = (name: string, action: string, rules: string, extra = '') => authorizationPolicy(name, action, rules, extra, NS);
 
-const adapter = (name: string, module: string, params: string, extra = '') => `apiVersion: meshgate.io/v1alpha1
-kind: Adapter
-metadata: {name: ${name}, namespace: ${NS}}
-spec:
-  module: ${module}
-${extra}  params:
-${params}`;
+const adapter = (name: string, module: string, params: string, extra = '') => adapterDoc(name, module, params, extra, NS);
 
 /** /app… goes to app.svc, everything else to other.svc. */
 const TWO_SERVICES = `apiVersion: networking.istio.io/v1

@@ -11,6 +11,7 @@ import {
   grpcUnary,
   h2Request,
   hs256,
+  http1On,
   ISS,
   ISS_FWD,
   ISS_REMOTE,
@@ -125,12 +126,7 @@ let rid = 0;
 const nextId = (what: string) => `edge-jwt-${what}-${++rid}`;
 
 /** A node:http request to the gateway as a WireResponse. */
-async function http1(port: number, o: RequestOptions): Promise<WireResponse> {
-  const r = await request(port, { host: HOST, ...o });
-  const headers: Record<string, string> = {};
-  for (const [k, v] of Object.entries(r.headers)) if (v !== undefined) headers[k] = Array.isArray(v) ? v.join(', ') : v;
-  return { status: r.status, headers, body: r.body };
-}
+const http1 = (port: number, o: RequestOptions): Promise<WireResponse> => http1On(HOST, port, o);
 
 const realm = (path: string) => `Bearer realm="http://${HOST}${path}", error="invalid_token"`;
 

@@ -6,6 +6,7 @@ import http2 from 'node:http2';
 import { type AddressInfo, connect } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
+import { type RequestOptions, request } from './helpers.ts';
 
 /**
  * Shared by the edge (end-to-end) security tests: keys made per run, tokens built by hand so that
@@ -322,3 +323,32 @@ export const GRPC_STATUS = grpc.status;
 
 /** A YAML flow scalar for any string (JSON strings are valid YAML double-quoted scalars). */
 export const yamlString = (s: string): string => JSON.stringify(s);
+
+// ---------------------------------------------------------------------------------------------------
+// Policy documents the edge tests write (root namespace istio-system unless told)
+
+export const authorizationPolicy = (name: string, action: string, rules: string, extra = '', namespace = 'istio-system'): string =>
+  `apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ${name}, namespace: ${namespace}}
+spec:
+${extra}  action: ${action}
+  rules:
+${rules}`;
+
+export const adapterDoc = (name: string, module: string, params: string, extra = '', namespace = 'istio-system'): string =>
+  `apiVersion: meshgate.io/v1alpha1
+kind: Adapter
+metadata: {name: ${name}, namespace: ${namespace}}
+spec:
+  module: ${module}
+${extra}  params:
+${params}`;
+
+/** A node:http request (helpers.ts request()) to `host` on the gateway, as a WireResponse. */
+export async function http1On(host: string, port: number, o: RequestOptions): Promise<WireResponse> {
+  const r = await request(port, { host, ...o });
+  const headers: Record<string, string> = {};
+  for (const [k, v] of Object.entries(r.headers)) if (v !== undefined) headers[k] = Array.isArray(v) ? v.join(', ') : v;
+  return { status: r.status, headers, body: r.body };
+}
