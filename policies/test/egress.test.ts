@@ -106,6 +106,28 @@ function expectDiag(diags: readonly Diagnostic[], want: Want): Diagnostic {
   return d;
 }
 
+/** An ingress Gateway and a VirtualService routing to api.example.com (a cluster made from the ingress side). */
+const INGRESS_TO_API = {
+  vs: `apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: v, namespace: default}
+spec:
+  hosts: [api.example.com]
+  gateways: [gw]
+  http:
+  - route: [{destination: {host: api.example.com}}]
+`,
+  gw: `apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: default}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: ["*"]
+`,
+};
+
 describe('authorityPort', () => {
   test('the explicit port, else 80; a malformed port is -1', () => {
     const cases: [string, number][] = [
@@ -359,24 +381,7 @@ describe('egress: clusters', () => {
   });
 
   test('a cluster a VirtualService created first is reused (its name is the same)', () => {
-    const vs = `apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: v, namespace: default}
-spec:
-  hosts: [api.example.com]
-  gateways: [gw]
-  http:
-  - route: [{destination: {host: api.example.com}}]
-`;
-    const gw = `apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: gw, namespace: default}
-spec:
-  selector: {istio: ingressgateway}
-  servers:
-  - port: {number: 80, name: http, protocol: HTTP}
-    hosts: ["*"]
-`;
+    const { gw, vs } = INGRESS_TO_API;
     const c = build([gw, vs, se('api', ['api.example.com'])]);
     assert.deepEqual([...c.clusters.keys()], ['outbound|80||api.example.com']);
     const ingress = c.listeners.find((l) => l.role === 'ingress');
@@ -694,24 +699,7 @@ spec:
   });
 
   test('ingress clusters get it too (TLS to the upstream)', () => {
-    const vs = `apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: v, namespace: default}
-spec:
-  hosts: [api.example.com]
-  gateways: [gw]
-  http:
-  - route: [{destination: {host: api.example.com}}]
-`;
-    const gw = `apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: gw, namespace: default}
-spec:
-  selector: {istio: ingressgateway}
-  servers:
-  - port: {number: 80, name: http, protocol: HTTP}
-    hosts: ["*"]
-`;
+    const { gw, vs } = INGRESS_TO_API;
     const { result } = compileDir([gw, vs, se('api', ['api.example.com'], { ports: [[443, 'HTTPS']] }), dr('      mode: SIMPLE\n')], false);
     assert.ok(result.ok, result.ok ? '' : result.diagnostics.map(formatDiagnostic).join('\n'));
     assert.equal(result.config.egress, undefined);
