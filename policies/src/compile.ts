@@ -620,21 +620,9 @@ class Compiler {
           const cluster = `outbound|${p.number}||${key}`;
           if (!this.clusters.has(cluster)) this.#buildCluster(entry, key, p, undefined, undefined, se, ['spec', 'hosts', hi]);
           const port = p.number;
-          return {
-            name: `egress|${port}|${domain}`,
-            virtualService: se.ref,
-            matches: [{ name: undefined, uriPrefix: undefined, uriKind: undefined, test: (x: MatchInput) => authorityPort(x.authority) === port }],
-            action: { kind: 'route', destinations: [{ cluster, weight: 100, requestHeaders: undefined, responseHeaders: undefined }], totalWeight: 100 },
-            rewrite: undefined,
-            timeoutMs: undefined,
-            retry: retryPolicy(undefined),
-            fault: undefined,
-            mirrors: [],
-            cors: undefined,
-            requestHeaders: undefined,
-            responseHeaders: undefined,
-            catchAll: false,
-          };
+          return egressRoute(domain, port, se.ref, cluster, [
+            { name: undefined, uriPrefix: undefined, uriKind: undefined, test: (x: MatchInput) => authorityPort(x.authority) === port },
+          ]);
         });
         const vhost: VirtualHost = { name: `${domain}:egress`, domain, routes, httpsRedirect: false };
         if (domain === '*') any = vhost;
@@ -1116,6 +1104,29 @@ function headerMutation(ops: HeaderOps | undefined): HeaderMutation | undefined 
   };
 }
 
+/**
+ * A route of the egress listener: straight to one cluster, Istio's default retries, nothing else.
+ * The compiler makes one per declared host and port; the gateway makes the same for hosts it routes
+ * on demand (a wildcard ServiceEntry's actual host, ALLOW_ANY passthrough).
+ */
+export function egressRoute(host: string, port: number, source: string, cluster: string, matches: readonly CompiledMatch[]): CompiledRoute {
+  return {
+    name: `egress|${port}|${host}`,
+    virtualService: source,
+    matches,
+    action: { kind: 'route', destinations: [{ cluster, weight: 100, requestHeaders: undefined, responseHeaders: undefined }], totalWeight: 100 },
+    rewrite: undefined,
+    timeoutMs: undefined,
+    retry: DEFAULT_ROUTE_RETRY,
+    fault: undefined,
+    mirrors: [],
+    cors: undefined,
+    requestHeaders: undefined,
+    responseHeaders: undefined,
+    catchAll: false,
+  };
+}
+
 function retryPolicy(r: HttpRoute['retries']): RetryPolicy {
   const on = (r?.retryOn ?? DEFAULT_RETRY_ON)
     .split(',')
@@ -1199,3 +1210,6 @@ export function findVirtualHost(table: RouteTable, host: string): VirtualHost | 
 
 export type { Headers };
 export { hostCovers };
+
+/** The retry policy of a route that sets none (Istio's defaults). */
+const DEFAULT_ROUTE_RETRY: RetryPolicy = Object.freeze(retryPolicy(undefined));

@@ -1,6 +1,6 @@
 import * as z from 'zod';
 import { duration, hostName } from './common.ts';
-import { OUTBOUND_TRAFFIC_MODES } from './networking.ts';
+import { outboundTrafficMode } from './networking.ts';
 import { workloadSelector } from './security.ts';
 
 // meshgate's own kinds (meshgate.io/v1alpha1), after Mixer's quota and adapter models. Optional fields
@@ -116,11 +116,7 @@ export type AdapterSpec = z.output<typeof adapterSpec>;
 export const meshConfigSpec = z.strictObject({
   outboundTrafficPolicy: z
     .strictObject({
-      mode: z
-        .enum(OUTBOUND_TRAFFIC_MODES)
-        .describe(
-          'REGISTRY_ONLY: the egress gateway forwards only to hosts declared by MESH_EXTERNAL ServiceEntries. ALLOW_ANY: to any host (private addresses still refused).',
-        ),
+      mode: outboundTrafficMode,
     })
     .exactOptional()
     .describe(

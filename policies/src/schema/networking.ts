@@ -565,6 +565,13 @@ export type ServiceEntrySpec = z.output<typeof serviceEntrySpec>;
 export const OUTBOUND_TRAFFIC_MODES = ['REGISTRY_ONLY', 'ALLOW_ANY'] as const;
 export type OutboundTrafficMode = (typeof OUTBOUND_TRAFFIC_MODES)[number];
 
+/** `outboundTrafficPolicy.mode`, as Sidecar and MeshConfig both write it. */
+export const outboundTrafficMode = z
+  .enum(OUTBOUND_TRAFFIC_MODES)
+  .describe(
+    'REGISTRY_ONLY: the egress gateway forwards only to hosts declared by MESH_EXTERNAL ServiceEntries. ALLOW_ANY: to any host (private addresses still refused).',
+  );
+
 export const sidecarSpec = z.strictObject({
   workloadSelector: z
     .strictObject({
@@ -574,11 +581,7 @@ export const sidecarSpec = z.strictObject({
     .describe('Accepted, but a Sidecar with a workloadSelector is ignored: only the root namespace default Sidecar sets the egress mode.'),
   outboundTrafficPolicy: z
     .strictObject({
-      mode: z
-        .enum(OUTBOUND_TRAFFIC_MODES)
-        .describe(
-          'REGISTRY_ONLY: the egress gateway forwards only to hosts declared by MESH_EXTERNAL ServiceEntries. ALLOW_ANY: to any host (private addresses still refused).',
-        ),
+      mode: outboundTrafficMode,
       egressProxy: unsupported('route unknown hosts through the egress gateway instead'),
     })
     .optional()

@@ -1,7 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { isIP } from 'node:net';
 import { checkServerIdentity, type PeerCertificate } from 'node:tls';
-import { type CompiledClientTls, type CompiledCluster, type CompiledEgress, type CompiledRoute, DEFAULT_POOL } from '@meshgate/policies';
+import { type CompiledClientTls, type CompiledCluster, type CompiledEgress, type CompiledRoute, DEFAULT_POOL, egressRoute } from '@meshgate/policies';
 import type { LocalReply } from '../details.ts';
 import type { ConnectOptions } from '../upstream.ts';
 import { canonicalIp, type EgressGuard } from './guard.ts';
@@ -113,11 +113,7 @@ export class EgressRuntime<R> {
       dynamicHost: false,
       allowedAddresses: allow,
     };
-    const route: CompiledRoute = {
-      ...(template?.route ?? passthroughRoute),
-      name: `egress|${port}|${host}`,
-      action: { kind: 'route', destinations: [{ cluster: name, weight: 100, requestHeaders: undefined, responseHeaders: undefined }], totalWeight: 100 },
-    };
+    const route = egressRoute(host, port, template?.route.virtualService ?? 'egress/passthrough', name, []);
     let r: R;
     try {
       r = this.#factory.build(route, cluster, host);
@@ -134,35 +130,6 @@ export class EgressRuntime<R> {
     this.#dynamic.clear();
   }
 }
-
-/** The shape of an ALLOW_ANY route (what a route with no VirtualService settings compiles to). */
-const passthroughRoute: CompiledRoute = {
-  name: 'egress|passthrough',
-  virtualService: 'egress/passthrough',
-  matches: [],
-  action: { kind: 'route', destinations: [], totalWeight: 0 },
-  rewrite: undefined,
-  timeoutMs: undefined,
-  // No retries: a forward proxy does not replay a client's request on its own.
-  retry: {
-    attempts: 0,
-    perTryTimeoutMs: undefined,
-    on5xx: false,
-    onGatewayError: false,
-    onReset: false,
-    onConnectFailure: false,
-    onRetriable4xx: false,
-    onRefusedStream: false,
-    statuses: new Set<number>(),
-    grpcStatuses: new Set<number>(),
-  },
-  fault: undefined,
-  mirrors: [],
-  cors: undefined,
-  requestHeaders: undefined,
-  responseHeaders: undefined,
-  catchAll: false,
-};
 
 /**
  * How a cluster connects: TLS origination when its DestinationRule says so (files read now, once per
