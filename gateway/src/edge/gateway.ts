@@ -5,7 +5,7 @@ import pino, { type Logger } from 'pino';
 import { Counter, Registry } from 'prom-client';
 import { GatewayError, GatewayErrorCode } from '../engine/details.ts';
 import { EgressGuard, type Resolver } from '../engine/egress/guard.ts';
-import type { JwtOptions } from '../engine/filters/jwt/index.ts';
+import { JwksMemory, type JwtOptions } from '../engine/filters/jwt/index.ts';
 import { type AccessLogRecord, Engine } from '../engine/proxy.ts';
 import { MemoryQuotaStore, type QuotaStore } from '../engine/quota/index.ts';
 import { buildSecurity } from '../engine/security.ts';
@@ -103,6 +103,8 @@ export class Gateway {
   readonly #quotaStore: QuotaStore;
   readonly #ownStore: boolean;
   readonly #egressDenied: Counter<'reason'>;
+  /** Last good JWKS per jwksUri, for the snapshots to come. */
+  readonly #jwksMemory = new JwksMemory();
 
   private constructor(opts: GatewayOptions) {
     this.#opts = opts;
@@ -221,6 +223,7 @@ export class Gateway {
       ...(this.#opts.jwt === undefined ? {} : { jwt: this.#opts.jwt }),
       ...(this.#opts.fetch === undefined ? {} : { fetch: this.#opts.fetch }),
       logger: this.logger,
+      jwksMemory: this.#jwksMemory,
       onJwksError: (uri, err) => this.logger.warn({ err: err.message, jwksUri: uri }, 'JWKS fetch failed; the last good keys stay in use'),
     }).catch((err: unknown) => ({ ok: false as const, diagnostics: [], error: err as Error }));
     if (!security.ok) {

@@ -6,7 +6,7 @@ import type { Exchange } from './exchange.ts';
 import type { FilterResult, HttpFilter } from './filter.ts';
 import type { AuthorizationPolicyResource, AuthzDecision, AuthzTargetRef, AuthzWorkload, CompiledAuthorization, CustomCheck } from './filters/authz/index.ts';
 import { AuthzConfigError, compileAuthorization, exchangeAttributes, policyApplies, remoteClientIp } from './filters/authz/index.ts';
-import { type JwtAuthnFilter, type JwtOptions, type JwtRule, jwtAuthnFilter } from './filters/jwt/index.ts';
+import { type JwksMemory, type JwtAuthnFilter, type JwtOptions, type JwtRule, jwtAuthnFilter } from './filters/jwt/index.ts';
 import { type AttributeRef, type CompiledQuota, checkQuotas, compileQuota, parseAttribute, type QuotaStore } from './quota/index.ts';
 
 /**
@@ -28,6 +28,8 @@ export interface SecurityOptions {
   readonly now?: () => number;
   readonly fetch?: typeof globalThis.fetch;
   readonly onJwksError?: (uri: string, err: Error) => void;
+  /** Last good JWKS per jwksUri, kept across snapshots by the owner (the Gateway). */
+  readonly jwksMemory?: JwksMemory;
   /** The configuration's listeners: every route's policy combination is compiled (and checked) up front. */
   readonly listeners?: readonly CompiledListener[];
   /** Where adapter failures are logged (throttled). Default: only counted. */
@@ -213,6 +215,7 @@ export async function buildSecurity(resources: readonly Resource[], opts: Securi
           now: opts.now ?? Date.now,
           fetch: opts.fetch ?? globalThis.fetch,
           ...(opts.onJwksError === undefined ? {} : { onJwksError: opts.onJwksError }),
+          ...(opts.jwksMemory === undefined ? {} : { jwksMemory: opts.jwksMemory }),
         },
         opts.jwt,
       );

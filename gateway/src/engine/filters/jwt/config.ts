@@ -1,3 +1,5 @@
+import type { JwksMemory } from './keys.ts';
+
 /**
  * Compiled RequestAuthentication (security.istio.io/v1) for the `meshgate.jwt_authn` filter: the
  * shapes the control plane compiles `jwtRules` into, the options and injected world, the per-request
@@ -75,6 +77,8 @@ export interface JwtDeps {
   readonly fetch: typeof globalThis.fetch;
   /** Called when a JWKS fetch fails (the last good keys stay in use). */
   readonly onJwksError?: (uri: string, err: Error) => void;
+  /** Last good key sets that outlive this filter (a reload's new filter starts from them). */
+  readonly jwksMemory?: JwksMemory;
 }
 
 export const JWT_DEFAULTS = {

@@ -171,18 +171,28 @@ export interface RemoteJwksOptions {
 }
 
 /**
- * The last key set fetched from each jwksUri, process-wide, as istiod's JwksResolver keeps one cache
- * per URI: a RemoteJwks starts from it, so a snapshot built while the endpoint is down (any reload,
- * even of an unrelated VirtualService) keeps verifying with the keys the previous snapshot fetched
- * instead of refusing every token (jwt_authn_jwks_unavailable). Bounded; oldest URI evicted first.
+ * The last key set fetched from each jwksUri, kept by whoever outlives snapshots (the Gateway), as
+ * istiod's JwksResolver keeps one cache per URI: a RemoteJwks starts from it, so a snapshot built
+ * while the endpoint is down (any reload, even of an unrelated VirtualService) keeps verifying with
+ * the keys the previous snapshot fetched instead of refusing every token. Bounded; oldest URI first.
  */
-const LAST_GOOD = new Map<string, { readonly keys: KeySet; readonly loadedAt: number }>();
-const LAST_GOOD_MAX = 256;
+export class JwksMemory {
+  readonly #max: number;
+  readonly #sets = new Map<string, { readonly keys: KeySet; readonly loadedAt: number }>();
 
-function rememberGood(uri: string, keys: KeySet, loadedAt: number): void {
-  LAST_GOOD.delete(uri);
-  LAST_GOOD.set(uri, { keys, loadedAt });
-  if (LAST_GOOD.size > LAST_GOOD_MAX) LAST_GOOD.delete(LAST_GOOD.keys().next().value as string);
+  constructor(max = 256) {
+    this.#max = max;
+  }
+
+  get(uri: string): { readonly keys: KeySet; readonly loadedAt: number } | undefined {
+    return this.#sets.get(uri);
+  }
+
+  remember(uri: string, keys: KeySet, loadedAt: number): void {
+    this.#sets.delete(uri);
+    this.#sets.set(uri, { keys, loadedAt });
+    if (this.#sets.size > this.#max) this.#sets.delete(this.#sets.keys().next().value as string);
+  }
 }
 
 /**
@@ -210,7 +220,7 @@ export class RemoteJwks implements JwksSource {
     this.#opts = opts;
     this.#deps = deps;
     // Until its own first fetch succeeds, the last good keys of this URI (an earlier snapshot's) verify.
-    const prev = LAST_GOOD.get(uri);
+    const prev = deps.jwksMemory?.get(uri);
     if (prev !== undefined) {
       this.#keys = prev.keys;
       this.#loadedAt = prev.loadedAt;
@@ -247,7 +257,7 @@ export class RemoteJwks implements JwksSource {
         this.#keys = keys;
         this.#lastError = '';
         this.#loadedAt = this.#deps.now();
-        rememberGood(this.uri, keys, this.#loadedAt);
+        this.#deps.jwksMemory?.remember(this.uri, keys, this.#loadedAt);
         return keys;
       },
       (err: unknown) => {
